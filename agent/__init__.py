@@ -1,0 +1,1 @@
+"""sysvm agent package."""

@@ -1,0 +1,1 @@
+"""sysvm manager package."""

@@ -1,0 +1,1 @@
+"""sysvm systemvm_image package."""
