@@ -18,7 +18,7 @@ acknowledged). The config body itself is rendered from current state when it is 
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -202,6 +202,26 @@ class SettingValue:
 class Tx(Protocol):
     """Write methods, valid only inside ``async with store.transaction() as tx``."""
 
+    def on_commit(self, fn: Callable[[], None]) -> None:
+        """Runs ``fn`` after this transaction commits (never if it rolls back). Callbacks run
+        in registration order; one that raises is logged and does not stop the others."""
+        ...
+
+    async def live_system_vm_ids(self, zone_id: str | None = None) -> list[str]:
+        """Ids of VMs not Destroyed/Expunging (in ``zone_id`` if given), as this transaction
+        sees them (its own uncommitted writes included)."""
+        ...
+
+    # Hooks for parts that own tables of their own (own migration ``manager/sql/NNN_*.sql``,
+    # e.g. the console proxy's 110_console.sql) and write them in the same transaction.
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """One SQL statement with ``?`` parameters; returns the number of rows changed."""
+        ...
+
+    async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        """Rows of one query as dicts (this transaction's own writes included)."""
+        ...
+
     async def add_zone(self, zone: Zone) -> None: ...
     async def add_pod(self, pod: Pod) -> None: ...
     async def add_cluster(self, cluster: Cluster) -> None: ...
@@ -274,8 +294,13 @@ class Tx(Protocol):
     async def add_event(self, event: Event) -> None: ...
     async def add_alert(self, alert: Alert) -> None: ...
 
-    async def set_setting(self, name: str, value: str, scope: str, scope_id: str | None,
-                          now: float) -> None: ...
+    async def set_setting(
+        self, name: str, value: str, scope: str, scope_id: str | None, now: float
+    ) -> None: ...
+
+    async def delete_setting(self, name: str, scope: str, scope_id: str | None) -> bool:
+        """Removes an explicit value (back to the default / global); True if one existed."""
+        ...
 
     async def add_user(self, user: User) -> None: ...
 
@@ -283,7 +308,14 @@ class Tx(Protocol):
 class Store(Protocol):
     async def close(self) -> None: ...
 
-    def transaction(self) -> AbstractAsyncContextManager[Tx]: ...
+    def transaction(self, *, durable: bool = True) -> AbstractAsyncContextManager[Tx]:
+        """``durable=True`` (default): on disk before the block returns. ``durable=False``:
+        atomic, but may be lost on power failure — only for data nobody was promised."""
+        ...
+
+    async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        """Read hook for parts with their own tables: committed rows as dicts."""
+        ...
 
     # infrastructure
     async def list_zones(self) -> list[Zone]: ...
@@ -311,6 +343,9 @@ class Store(Protocol):
 
     # jobs, events, alerts
     async def get_job(self, job_id: str) -> Job | None: ...
+    async def list_jobs(
+        self, *, status: JobStatus | None = None, limit: int = 500
+    ) -> list[Job]: ...
     async def list_events(self, *, limit: int = 500) -> list[Event]: ...
     async def list_alerts(self, *, limit: int = 500) -> list[Alert]: ...
 
@@ -320,4 +355,4 @@ class Store(Protocol):
     # accounts
     async def get_user_by_apikey(self, apikey: str) -> User | None: ...
     async def count_users(self) -> int: ...
-
+    async def get_user_by_username(self, username: str) -> User | None: ...
