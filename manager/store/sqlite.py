@@ -92,8 +92,8 @@ class TransactionClosed(StoreError):
 def load_migrations() -> list[tuple[int, str, str]]:
     """(number, name, sql) of every ``manager/sql/NNN_name.sql``, sorted by number. Numbers
     must be unique but need not be contiguous: parts developed in parallel take their own
-    range (001-099 core, 110-119 console proxy, ...). Any migration not yet recorded in
-    ``schema_version`` is applied, in number order."""
+    range (001-099 core, 100-109 network, 110-119 console proxy, ...). Any migration not yet
+    recorded in ``schema_version`` is applied, in number order."""
     found: list[tuple[int, str, str]] = []
     for entry in resources.files("manager").joinpath("sql").iterdir():
         m = _MIGRATION_RE.match(entry.name)
@@ -702,6 +702,14 @@ class _SqliteTx:
             ),
         )
 
+    async def set_user_keys(self, user_id: str, apikey: str, secretkey: str) -> None:
+        cur = await self._exec(
+            "UPDATE users SET apikey = ?, secretkey = ? WHERE id = ?",
+            (apikey, secretkey, user_id),
+        )
+        if cur.rowcount != 1:
+            raise KeyError(f"no user {user_id}")
+
 
 def token_outcome(
     *, owner: str, presented_for: str, expires_at: float, used: bool, superseded: bool, now: float
@@ -987,6 +995,9 @@ class SqliteStore:
     async def get_user_by_apikey(self, apikey: str) -> User | None:
         rows = await self._all("SELECT * FROM users WHERE apikey = ?", (apikey,))
         return _row_user(rows[0]) if rows else None
+
+    async def list_users(self) -> list[User]:
+        return [_row_user(r) for r in await self._all("SELECT * FROM users ORDER BY username")]
 
     async def get_user_by_username(self, username: str) -> User | None:
         rows = await self._all("SELECT * FROM users WHERE username = ?", (username,))
