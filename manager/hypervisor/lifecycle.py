@@ -1,0 +1,473 @@
+"""System VM lifecycle: a pure planner, the operations it and the API use, and the loop.
+
+:func:`plan` looks at plain data (zones, VMs, what the drivers report, which agents are
+connected) and returns :class:`Action` s:
+
+- keep one console proxy VM and one secondary storage VM per *enabled* zone: start a
+  stopped one if there is one, else create one (destroyed VMs no longer count, so they are
+  replaced);
+- restart a VM whose agent went silent past ``agent_timeout``, whose process died
+  (driver: crashed / gone), which has been Starting longer than ``start_timeout``, or which
+  is in Error;
+- never act twice on the same VM within ``settle`` seconds (a restart takes time);
+- mark a Starting VM Running once its agent is connected.
+
+:class:`LifecycleLoop` runs the planner every ``interval`` seconds and executes each action
+through the store and the VM's driver; each one raises an event, and failures and restarts
+raise an alert too. The API calls :func:`start_system_vm`, :func:`stop_system_vm`,
+:func:`reboot_system_vm` and :func:`destroy_system_vm` (each returns the updated record).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import ipaddress
+import logging
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from manager.hypervisor.base import (
+    Driver,
+    DriverError,
+    NicSpec,
+    PowerState,
+    VmSpec,
+    bridge_name,
+)
+from manager.store.base import Alert, Event, Role, SystemVm, VmState, Zone
+
+if TYPE_CHECKING:
+    from manager.context import ManagerContext
+
+log = logging.getLogger("sysvm.lifecycle")
+
+KEEP_ROLES = (Role.CONSOLE_PROXY, Role.SECONDARY_STORAGE)
+LIVE_STATES = (VmState.STARTING, VmState.RUNNING, VmState.STOPPING, VmState.STOPPED, VmState.ERROR)
+
+# CloudStack alert types (AlertManager): 9 = SSVM, 10 = console proxy, 12 = domain router.
+ALERT_TYPES = {Role.SECONDARY_STORAGE: 9, Role.CONSOLE_PROXY: 10, Role.ROUTER: 12}
+ALERT_NAMES = {
+    Role.SECONDARY_STORAGE: "ALERT.SERVICE.SSVM",
+    Role.CONSOLE_PROXY: "ALERT.SERVICE.CONSOLEPROXY",
+    Role.ROUTER: "ALERT.SERVICE.DOMAINROUTER",
+}
+EVENT_PREFIX = {Role.SECONDARY_STORAGE: "SSVM", Role.CONSOLE_PROXY: "PROXY", Role.ROUTER: "ROUTER"}
+
+
+class Kind(enum.StrEnum):
+    CREATE = "create"
+    START = "start"
+    RESTART = "restart"
+    MARK_RUNNING = "mark_running"  # Starting and its agent said hello
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    kind: Kind
+    zone_id: str
+    role: Role
+    vm_id: str | None = None  # None for CREATE
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PlanSettings:
+    agent_timeout: float = 150.0  # CloudStack: ping.interval 60 s x ping.timeout 2.5
+    start_timeout: float = 300.0  # Starting without a hello for this long -> restart
+    settle: float = 120.0  # no second action on one VM within this time
+    default_hypervisor: str = "Embedded"
+
+
+@dataclass(frozen=True, slots=True)
+class Observed:
+    """What the loop saw outside the store at planning time."""
+
+    power: Mapping[str, PowerState] = field(default_factory=dict)  # vm id -> driver state
+    connected: frozenset[str] = frozenset()  # vm ids with a live agent session
+    last_action: Mapping[str, float] = field(default_factory=dict)  # vm id -> time acted on
+    last_create: Mapping[tuple[str, str], float] = field(default_factory=dict)  # (zone, role)
+
+
+# ---------------------------------------------------------------- pure planner
+
+
+def plan(
+    zones: Sequence[Zone],
+    vms: Sequence[SystemVm],
+    now: float,
+    settings: PlanSettings,
+    observed: Observed | None = None,
+) -> list[Action]:
+    obs = observed or Observed()
+    actions: list[Action] = []
+    live = [v for v in vms if v.state in LIVE_STATES]
+    for zone in zones:
+        if zone.allocation_state != "Enabled":
+            continue
+        for role in KEEP_ROLES:
+            mine = [v for v in live if v.zone_id == zone.id and v.role == role]
+            active = [v for v in mine if v.state in (VmState.STARTING, VmState.RUNNING)]
+            if active:
+                continue
+            recent = obs.last_create.get((zone.id, role.value))
+            if recent is not None and now - recent < settings.settle:
+                continue
+            stopped = sorted(
+                (v for v in mine if v.state == VmState.STOPPED and _may_act(v, now, settings, obs)),
+                key=lambda v: v.seq,
+            )
+            if stopped:
+                actions.append(
+                    Action(Kind.START, zone.id, role, stopped[0].id, f"no running {role.value}")
+                )
+            elif not any(v.state in (VmState.STOPPING, VmState.ERROR) for v in mine):
+                actions.append(Action(Kind.CREATE, zone.id, role, None, f"no {role.value} in zone"))
+    for vm in live:
+        if vm.state == VmState.STARTING and vm.id in obs.connected:
+            actions.append(Action(Kind.MARK_RUNNING, vm.zone_id, vm.role, vm.id, "agent connected"))
+            continue
+        reason = restart_reason(vm, now, settings, obs)
+        if reason and _may_act(vm, now, settings, obs):
+            actions.append(Action(Kind.RESTART, vm.zone_id, vm.role, vm.id, reason))
+    return actions
+
+
+def _may_act(vm: SystemVm, now: float, settings: PlanSettings, obs: Observed) -> bool:
+    last = obs.last_action.get(vm.id)
+    return last is None or now - last >= settings.settle
+
+
+def restart_reason(vm: SystemVm, now: float, settings: PlanSettings, obs: Observed) -> str:
+    """Why a VM must be restarted, or "" (pure)."""
+    power = obs.power.get(vm.id)
+    if vm.state == VmState.ERROR and power is not None:
+        return "vm in Error state"
+    if vm.state not in (VmState.RUNNING, VmState.STARTING):
+        return ""
+    if power in (PowerState.CRASHED, PowerState.ABSENT, PowerState.STOPPED):
+        return f"vm process {power.value}"
+    if vm.id in obs.connected:
+        return ""
+    if vm.state == VmState.STARTING:
+        if now - _since(vm) > settings.start_timeout:
+            return f"no agent hello within {settings.start_timeout:.0f} s of start"
+        return ""
+    seen = vm.last_seen if vm.last_seen is not None else _since(vm)
+    if now - seen > settings.agent_timeout:
+        return f"agent silent for {now - seen:.0f} s"
+    return ""
+
+
+def _since(vm: SystemVm) -> float:
+    started = vm.details.get("started_at") if vm.details else None
+    return float(started) if isinstance(started, (int, float)) else vm.created
+
+
+# ---------------------------------------------------------------- pure helpers for start
+
+
+def control_address(linklocal_cidr: str, seq: int) -> tuple[str, str]:
+    """(VM address with prefix, host bridge address with prefix) on the zone's link-local
+    control network: the host takes the first address, VMs follow by seq."""
+    net = ipaddress.ip_network(linklocal_cidr or "169.254.0.0/16", strict=False)
+    hosts = net.num_addresses - 2
+    if hosts < 3:
+        raise DriverError(f"link-local network {net} is too small")
+    host = net.network_address + 1
+    vm = net.network_address + 2 + (seq % (hosts - 1))
+    return f"{vm}/{net.prefixlen}", f"{host}/{net.prefixlen}"
+
+
+def vm_spec(
+    vm: SystemVm, zone: Zone, boot: Mapping[str, Any], prefix: str, memory_mb: int = 512
+) -> VmSpec:
+    addr, host = control_address(zone.linklocal_cidr, vm.seq)
+    nics = [
+        NicSpec(
+            kind="control",
+            bridge=bridge_name(prefix, zone.id, "control"),
+            address=addr,
+            bridge_address=host,
+        )
+    ]
+    return VmSpec(
+        vm_id=vm.id,
+        name=vm.name,
+        role=vm.role.value,
+        boot_data=boot,
+        nics=tuple(nics),
+        memory_mb=memory_mb,
+    )
+
+
+def event_type(role: Role, what: str) -> str:
+    return f"{EVENT_PREFIX[role]}.{what}"
+
+
+# ---------------------------------------------------------------- operations (I/O)
+
+
+class LifecycleError(RuntimeError):
+    """An operation on a system VM failed; the message is fit for an API error text."""
+
+
+def _driver(ctx: ManagerContext, vm: SystemVm) -> Driver:
+    drv = ctx.hypervisors.get(vm.hypervisor)
+    if drv is None:
+        raise LifecycleError(f"vm {vm.name}: no driver for hypervisor {vm.hypervisor!r}")
+    return drv  # type: ignore[no-any-return]
+
+
+async def _get(ctx: ManagerContext, vm_id: str) -> SystemVm:
+    vm = await ctx.store.get_system_vm(vm_id)
+    if vm is None or vm.state in (VmState.DESTROYED, VmState.EXPUNGING):
+        raise LifecycleError(f"no system vm with id {vm_id}")
+    return vm
+
+
+async def _record(
+    ctx: ManagerContext,
+    vm: SystemVm,
+    what: str,
+    level: str,
+    description: str,
+    alert: bool = False,
+    **fields: Any,
+) -> None:
+    """State change + event (+ alert) in one transaction."""
+    now = ctx.clock()
+    async with ctx.store.transaction() as tx:
+        if fields:
+            await tx.update_system_vm(vm.id, **fields)
+        await tx.add_event(
+            Event(
+                id=str(uuid.uuid4()), type=event_type(vm.role, what), level=level,
+                description=description, account_id=None, resource_id=vm.id, created=now,
+            )
+        )  # fmt: skip
+        if alert:
+            await tx.add_alert(
+                Alert(
+                    id=str(uuid.uuid4()), type=ALERT_TYPES[vm.role], name=ALERT_NAMES[vm.role],
+                    subject=f"{vm.name}: {description}"[:200], description=description,
+                    zone_id=vm.zone_id, created=now,
+                )
+            )  # fmt: skip
+
+
+def _host_prefix(ctx: ManagerContext, drv: Driver) -> str:
+    return str(getattr(drv, "prefix", "sv"))
+
+
+async def start_system_vm(ctx: ManagerContext, vm_id: str) -> SystemVm:
+    """Issues a fresh enrolment token, boots the VM on its driver; Starting until its agent
+    says hello. A driver failure leaves the VM in Error with an alert, and raises."""
+    from manager.enrolment import issue_token, make_bootdata
+
+    vm = await _get(ctx, vm_id)
+    drv = _driver(ctx, vm)
+    zone = next((z for z in await ctx.store.list_zones() if z.id == vm.zone_id), None)
+    if zone is None:
+        raise LifecycleError(f"vm {vm.name}: zone {vm.zone_id} not found")
+    now = ctx.clock()
+    ttl = float(ctx.settings.get("sysvm.enrolment.token.ttl"))
+    async with ctx.store.transaction() as tx:
+        token = await issue_token(tx, vm.id, ttl, now)
+        details = {**dict(vm.details), "started_at": now}
+        await tx.update_system_vm(vm.id, state=VmState.STARTING, details=details)
+    boot = make_bootdata(
+        vm, manager_urls=ctx.agent_urls, ca_fingerprint=ctx.pki.ca_fingerprint, token=token
+    )
+    spec = vm_spec(vm, zone, boot, _host_prefix(ctx, drv))
+    try:
+        await drv.start(spec)
+    except DriverError as e:
+        log.error("event=vm_start_failed vm=%s error=%s", vm.id, e)
+        await _record(ctx, vm, "START", "ERROR", f"start failed: {e}", alert=True,
+                      state=VmState.ERROR)  # fmt: skip
+        raise LifecycleError(f"vm {vm.name}: {e}") from e
+    control = spec.nics[0].address if spec.nics else None
+    await _record(
+        ctx, vm, "START", "INFO", f"started on {drv.name}",
+        linklocal_ip=control.split("/")[0] if control else None,
+    )  # fmt: skip
+    return await _get(ctx, vm_id)
+
+
+async def stop_system_vm(ctx: ManagerContext, vm_id: str, forced: bool = False,
+                         timeout: float = 30.0) -> SystemVm:  # fmt: skip  # noqa: ASYNC109
+    vm = await _get(ctx, vm_id)
+    drv = _driver(ctx, vm)
+    await _record(ctx, vm, "STOP", "INFO", "stopping", state=VmState.STOPPING)
+    ctx.links.disconnect(vm.id, "vm stopping")
+    try:
+        await drv.stop(vm.id, 0 if forced else timeout)
+    except DriverError as e:
+        await _record(ctx, vm, "STOP", "ERROR", f"stop failed: {e}", alert=True,
+                      state=VmState.ERROR)  # fmt: skip
+        raise LifecycleError(f"vm {vm.name}: {e}") from e
+    await _record(ctx, vm, "STOP", "INFO", "stopped", state=VmState.STOPPED)
+    return await _get(ctx, vm_id)
+
+
+# the names docs/internals.md used first
+async def start_vm(ctx: ManagerContext, vm_id: str) -> SystemVm:
+    return await start_system_vm(ctx, vm_id)
+
+
+async def stop_vm(ctx: ManagerContext, vm_id: str) -> SystemVm:
+    return await stop_system_vm(ctx, vm_id)
+
+
+async def reboot_system_vm(ctx: ManagerContext, vm_id: str, timeout: float = 30.0) -> SystemVm:  # noqa: ASYNC109
+    await stop_system_vm(ctx, vm_id, timeout=timeout)
+    return await start_system_vm(ctx, vm_id)
+
+
+async def destroy_system_vm(ctx: ManagerContext, vm_id: str) -> SystemVm:
+    vm = await _get(ctx, vm_id)
+    drv = ctx.hypervisors.get(vm.hypervisor)
+    ctx.links.disconnect(vm.id, "vm destroyed")
+    if drv is not None:
+        try:
+            await drv.destroy(vm.id)
+        except DriverError as e:
+            await _record(ctx, vm, "DESTROY", "ERROR", f"destroy failed: {e}", alert=True,
+                          state=VmState.ERROR)  # fmt: skip
+            raise LifecycleError(f"vm {vm.name}: {e}") from e
+    now = ctx.clock()
+    async with ctx.store.transaction() as tx:
+        await tx.revoke_certificates(vm.id, "vm destroyed", now)
+    await _record(ctx, vm, "DESTROY", "INFO", "destroyed", state=VmState.DESTROYED)
+    got = await ctx.store.get_system_vm(vm_id)
+    assert got is not None
+    return got
+
+
+async def create_system_vm(ctx: ManagerContext, zone_id: str, role: Role,
+                           hypervisor: str) -> SystemVm:  # fmt: skip
+    async with ctx.store.transaction() as tx:
+        vm = await tx.create_system_vm(role=role, zone_id=zone_id, hypervisor=hypervisor)
+        await tx.bump_desired([vm.id])  # version 1: its first config, pushed at hello
+    await _record(ctx, vm, "CREATE", "INFO", f"created on {hypervisor}")
+    return await start_system_vm(ctx, vm.id)
+
+
+# ---------------------------------------------------------------- the loop
+
+
+class LifecycleLoop:
+    """Runs :func:`plan` every ``interval`` seconds and executes its actions.
+
+    Owned by the app (``cleanup_ctx``): ``start()`` creates its one task, ``close()``
+    cancels and awaits it. Errors of one action are logged and alerted, never fatal."""
+
+    def __init__(
+        self,
+        ctx: ManagerContext,
+        interval: float = 10.0,
+        settings: Callable[[], PlanSettings] | None = None,
+    ) -> None:
+        self.ctx = ctx
+        self.interval = interval
+        self.settings = settings or (lambda: plan_settings(ctx))
+        self.last_action: dict[str, float] = {}
+        self.last_create: dict[tuple[str, str], float] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.passes = 0
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="sysvm-lifecycle")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def run(self) -> None:
+        """The loop itself (for a caller that owns the task, e.g. the app's job list)."""
+        await self._run()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.run_once()
+            except Exception:
+                log.exception("event=lifecycle_pass_failed")
+            await asyncio.sleep(self.interval)
+
+    async def observe(self, vms: Sequence[SystemVm]) -> Observed:
+        power: dict[str, PowerState] = {}
+        for vm in vms:
+            drv = self.ctx.hypervisors.get(vm.hypervisor)
+            if drv is not None:
+                try:
+                    power[vm.id] = await drv.state(vm.id)
+                except DriverError as e:
+                    log.warning("event=vm_state_failed vm=%s error=%s", vm.id, e)
+        connected = frozenset(v.id for v in vms if self.ctx.links.is_connected(v.id))
+        return Observed(power, connected, dict(self.last_action), dict(self.last_create))
+
+    async def run_once(self) -> list[Action]:
+        ctx = self.ctx
+        zones = await ctx.store.list_zones()
+        vms = await ctx.store.list_system_vms(states=list(LIVE_STATES))
+        settings = self.settings()
+        now = ctx.clock()
+        actions = plan(zones, vms, now, settings, await self.observe(vms))
+        by_id = {v.id: v for v in vms}
+        for a in actions:
+            log.info("event=lifecycle_action kind=%s zone=%s role=%s vm=%s reason=%s",
+                     a.kind.value, a.zone_id, a.role.value, a.vm_id or "-",
+                     a.reason.replace(" ", "_"))  # fmt: skip
+            try:
+                await self.execute(a, by_id, settings)
+            except (LifecycleError, DriverError) as e:
+                log.error("event=lifecycle_action_failed kind=%s vm=%s error=%s",
+                          a.kind.value, a.vm_id or "-", e)  # fmt: skip
+        self.passes += 1
+        return actions
+
+    async def execute(
+        self, a: Action, by_id: Mapping[str, SystemVm], settings: PlanSettings
+    ) -> None:
+        ctx = self.ctx
+        now = ctx.clock()
+        if a.kind is Kind.CREATE:
+            self.last_create[(a.zone_id, a.role.value)] = now
+            # like the console scaler: the zone's first cluster's hypervisor
+            clusters = await ctx.store.list_clusters(a.zone_id)
+            hv = clusters[0].hypervisor if clusters else settings.default_hypervisor
+            if hv not in ctx.hypervisors:
+                raise LifecycleError(f"zone {a.zone_id}: no driver for hypervisor {hv!r}")
+            vm = await create_system_vm(ctx, a.zone_id, a.role, hv)
+            self.last_action[vm.id] = now
+            return
+        assert a.vm_id is not None
+        vm = by_id[a.vm_id]
+        if a.kind is Kind.MARK_RUNNING:
+            await _record(ctx, vm, "START", "INFO", "agent connected: running",
+                          state=VmState.RUNNING)  # fmt: skip
+            return
+        self.last_action[a.vm_id] = now
+        if a.kind is Kind.RESTART:
+            await _record(ctx, vm, "RESTART", "WARN", f"restarting: {a.reason}", alert=True)
+            drv = _driver(ctx, vm)
+            with contextlib.suppress(DriverError):
+                await drv.stop(vm.id, 0)  # it is dead or silent: no clean shutdown to wait for
+            ctx.links.disconnect(vm.id, "vm restarting")
+        await start_system_vm(ctx, vm.id)
+
+
+def plan_settings(ctx: ManagerContext) -> PlanSettings:
+    """Planner settings from the manager's settings (agent heartbeat x ping.timeout)."""
+    hb = float(ctx.settings.get("sysvm.agent.heartbeat.interval"))
+    factor = float(ctx.settings.get("ping.timeout"))
+    return PlanSettings(agent_timeout=max(30.0, hb * factor * 3))
