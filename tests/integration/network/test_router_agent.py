@@ -89,7 +89,6 @@ class Env:
     helpers: list[asyncio.subprocess.Process] = field(default_factory=list)
     # (op, router, {router id: (state, applied_version)} of every router at that moment)
     events: list[tuple[str, str, dict[str, tuple[str, int]]]] = field(default_factory=list)
-    production_loop: bool = False
 
     @property
     def mgr_ip(self) -> str:
@@ -182,11 +181,7 @@ async def boot_agent(e: Env, vm: RouterVm, router_id: str) -> None:
     vm.log = vm.tmp / "agent.log"
     envv = {k: v for k, v in os.environ.items() if not k.startswith(("SYSVM_", "NOTIFY_"))}
     envv |= {"PYTHONUNBUFFERED": "1", "SYSVM_AGENT_BACKOFF_BASE": "0.1"}
-    entry = (
-        [str(VENV_BIN / "sysvm-agent")]
-        if e.production_loop
-        else [sys.executable, str(Path(__file__).parent / "stdloop_agent.py")]
-    )
+    entry = [str(VENV_BIN / "sysvm-agent")]  # the production entry point (uvloop)
     with vm.log.open("wb") as logf:
         vm.agent = await asyncio.create_subprocess_exec(
             "ip", "netns", "exec", vm.ns, *entry,
@@ -431,14 +426,8 @@ async def test_api_to_real_router_applied_failed_and_replaced(env: Env) -> None:
     assert vm.agent is not None and vm.agent.returncode is not None  # the old VM is gone
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="agent router role: apache ErrorLog /dev/stderr fails with ENXIO under uvloop "
-    "(subprocess pipes are socketpairs); XPASS here means it was fixed: drop this mark",
-)
 async def test_production_entry_point_applies_first_config(env: Env) -> None:
     """The real ``sysvm-agent`` entry point (uvloop) must apply a router's first config."""
-    env.production_loop = True
     api = env.api
     _net, router = await create_network(api)
 
