@@ -493,6 +493,13 @@ async def test_users(store: SqliteStore) -> None:
         async with store.transaction() as tx:
             await tx.add_user(User("u2", "a2", "b", "b", 0, "d", "KEY", "S2", "enabled"))
     assert await store.count_users() == 1
+    async with store.transaction() as tx:
+        await tx.set_user_keys("u1", "KEY2", "SECRET2")
+    assert await store.get_user_by_apikey("KEY") is None
+    assert [(u.apikey, u.secretkey) for u in await store.list_users()] == [("KEY2", "SECRET2")]
+    with pytest.raises(KeyError):
+        async with store.transaction() as tx:
+            await tx.set_user_keys("nope", "K", "S")
 
 
 async def test_closed_store_refuses(tmp_path: Path) -> None:
