@@ -112,6 +112,13 @@ def api_url(listen: tuple[str, int]) -> str:
     return f"http://{host}:{port}/client/api"
 
 
+def lifecycle_enabled(env: dict[str, str] | os._Environ[str]) -> bool:
+    """Pure: the lifecycle loop (keep each zone's CPVM and SSVM running) is on when
+    ``SYSVM_LIFECYCLE`` is ``on``/``1``/``true``. ``scripts/run`` turns it on; test managers
+    leave it off so they do not boot system VMs nobody asked for."""
+    return env.get("SYSVM_LIFECYCLE", "").strip().lower() in ("on", "1", "true", "yes")
+
+
 def _optional(module: str) -> bool:
     """True if a part owned by someone else is present (the tree is built in parallel)."""
     try:
@@ -189,13 +196,26 @@ async def run(cfg: DaemonConfig, stop: asyncio.Event | None = None) -> int:
     ctx = await open_context(cfg)
     runner: web.AppRunner | None = None
     background: set[asyncio.Task[None]] = set()
+    console: Any = None
+    lifecycle: Any = None
     try:
         if _optional("manager.bootstrap"):
             from manager.bootstrap import ensure_initialized
 
             await ensure_initialized(ctx)
+        from manager import network
+        from manager.consoleproxy.runtime import setup as console_setup
+
+        await network.setup(ctx)
+        console = await console_setup(ctx)
         app = build_app(ctx)
         await ctx.links.start(*cfg.agent_listen)
+        console.start()
+        if lifecycle_enabled(os.environ):
+            from manager.hypervisor.lifecycle import LifecycleLoop
+
+            lifecycle = LifecycleLoop(ctx)
+            lifecycle.start()
         runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, cfg.api_listen[0], cfg.api_listen[1], backlog=512)
@@ -221,10 +241,19 @@ async def run(cfg: DaemonConfig, stop: asyncio.Event | None = None) -> int:
         for t in background:
             t.cancel()
         await asyncio.gather(*background, return_exceptions=True)
+        if lifecycle is not None:
+            await lifecycle.close()
+        if console is not None:
+            await console.stop()
         with contextlib.suppress(Exception):
             await ctx.links.close("manager stopping")
         if runner is not None:
             await runner.cleanup()
+        for driver in ctx.hypervisors.values():
+            try:
+                await driver.close()
+            except Exception:  # one failing driver must not keep the others' VMs running
+                log.exception("event=driver_close_failed driver=%s", type(driver).__name__)
         await ctx.store.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)

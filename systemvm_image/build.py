@@ -162,7 +162,28 @@ def base_hash() -> str:
 # What the image runs: the agent and the protocol (the manager never runs in a system VM, so
 # its code is left out of the image's wheel and its edits do not rebuild the image).
 SOURCE_DIRS = ("protocol", "agent", "systemvm_image")
-SOURCE_FILES = ("pyproject.toml", "constraints.txt", "scripts/build-image")
+SOURCE_FILES = ("pyproject.toml", "constraints.txt", "scripts/build-image", "package-lock.json")
+# noVNC (npm, pinned by package-lock.json) for the console proxy's page: the library files the
+# page imports, copied from node_modules at build time, never committed to the repo.
+NOVNC_SRC = REPO / "node_modules" / "@novnc" / "novnc"
+NOVNC_PARTS = ("core", "vendor", "package.json", "LICENSE.txt")
+NOVNC_DST = "usr/share/sysvm/novnc"
+
+
+def install_novnc(rootfs: Path) -> None:
+    """Copies the pinned noVNC library into the image (``scripts/setup`` runs ``npm ci``)."""
+    if not (NOVNC_SRC / "core").is_dir():
+        raise SystemExit(
+            f"build-image: {NOVNC_SRC} is missing: run scripts/setup (it runs npm ci) first"
+        )
+    dst = rootfs / NOVNC_DST
+    dst.mkdir(parents=True, exist_ok=True)
+    for part in NOVNC_PARTS:
+        src = NOVNC_SRC / part
+        if src.is_dir():
+            shutil.copytree(src, dst / part, dirs_exist_ok=True)
+        elif src.is_file():
+            shutil.copyfile(src, dst / part)
 
 
 def source_files() -> list[tuple[str, bytes]]:
@@ -506,6 +527,7 @@ class Builder:
 
     async def _configure(self, rootfs: Path, wheel: str, image_id: str) -> None:
         copy_tree(HERE / "files", rootfs)
+        install_novnc(rootfs)
         unit_dst = rootfs / "etc/systemd/system/sysvm-agent.service"
         if AGENT_UNIT.exists():
             shutil.copyfile(AGENT_UNIT, unit_dst)
