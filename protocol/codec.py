@@ -7,9 +7,11 @@ bounds the work *before* building objects:
 1. text frames and frames longer than ``Limits.max_frame`` are refused unread;
 2. ``msgpack.unpackb`` runs with ``max_str_len``/``max_bin_len`` (``max_str``),
    ``max_array_len``/``max_map_len`` (``max_items``), extension types refused, UTF-8
-   checked, only ``str``/``bytes`` map keys;
-3. one iterative (non-recursive) walk checks nesting depth, the total number of items,
-   ``str`` map keys and plain-data values (msgpack timestamps are refused too);
+   checked, only ``str``/``bytes`` map keys, and a list/map hook that aborts as soon as
+   the frame holds more than ``max_items`` items in total (bounding the objects built,
+   not just the bytes read);
+3. one iterative (non-recursive) walk checks nesting depth, ``str`` map keys and
+   plain-data values (msgpack timestamps are refused too);
 4. the ``type`` tag picks the class; unknown fields are dropped; each known field's type
    is checked (``float`` fields accept ints and must be finite; ``int`` refuses ``bool``).
 
@@ -99,7 +101,7 @@ class Limits:
 
 #: What the manager accepts from an agent (heartbeats, results, CSRs).
 AGENT_TO_MANAGER: Final = Limits(
-    max_frame=1 << 20, max_depth=16, max_items=20_000, max_str=256 << 10
+    max_frame=1 << 20, max_depth=16, max_items=10_000, max_str=256 << 10
 )
 #: What an agent accepts from the manager (whole desired configs can be large).
 MANAGER_TO_AGENT: Final = Limits(
@@ -111,6 +113,27 @@ _SCALARS: Final = frozenset({type(None), bool, int, float, str, bytes})
 
 class _ExtRefused(Exception):
     pass
+
+
+class _TooManyItems(Exception):
+    pass
+
+
+class _ItemBudget:
+    """msgpack ``list_hook``/``object_hook``: counts items as each container is built and
+    aborts the decode once the frame holds more than allowed, so a frame packed with small
+    containers costs at most about twice ``max_items`` objects, not a megabyte's worth."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, items: int) -> None:
+        self.left = items
+
+    def take(self, container: Any) -> Any:
+        self.left -= len(container)
+        if self.left < 0:
+            raise _TooManyItems
+        return container
 
 
 def _refuse_ext(code: int, data: bytes) -> Any:
@@ -181,18 +204,15 @@ def _check_kind(kind: int, value: Any) -> tuple[bool, Any]:
 # -- plain-data walk ---------------------------------------------------------------------
 
 
-def _walk(obj: dict[Any, Any], max_depth: int, max_items: int) -> str | None:
-    """Iteratively check a decoded top-level map. Returns the problem, or None."""
-    items = 0
+def _walk(obj: dict[Any, Any], max_depth: int) -> str | None:
+    """Iteratively check a decoded top-level map (depth, key and value types). Returns the
+    problem, or None. (Item counts are enforced while decoding, by :class:`_ItemBudget`.)"""
     stack: list[tuple[Any, int]] = [(obj, 1)]
     while stack:
         value, depth = stack.pop()
         if depth > max_depth:
             return f"nesting deeper than {max_depth}"
         if type(value) is dict:
-            items += len(value)
-            if items > max_items:
-                return f"more than {max_items} items"
             for k, v in value.items():
                 if type(k) is not str:
                     return "map key is not a string"
@@ -202,9 +222,6 @@ def _walk(obj: dict[Any, Any], max_depth: int, max_items: int) -> str | None:
                 elif t not in _SCALARS:
                     return "value of an unsupported type"
         else:  # list: only dicts and lists are ever pushed
-            items += len(value)
-            if items > max_items:
-                return f"more than {max_items} items"
             for v in value:
                 t = type(v)
                 if t is dict or t is list:
@@ -247,6 +264,7 @@ def decode(data: bytes | bytearray | memoryview | str, limits: Limits) -> Messag
     size = len(data)
     if size > limits.max_frame:
         raise DecodeError(TOO_BIG, f"frame of {size} bytes exceeds {limits.max_frame}")
+    budget = _ItemBudget(limits.max_items)
     try:
         obj = msgpack.unpackb(
             data,
@@ -254,17 +272,21 @@ def decode(data: bytes | bytearray | memoryview | str, limits: Limits) -> Messag
             use_list=True,
             strict_map_key=True,
             ext_hook=_refuse_ext,
+            list_hook=budget.take,
+            object_hook=budget.take,
             max_str_len=limits.max_str,
             max_bin_len=limits.max_str,
             max_array_len=limits.max_items,
             max_map_len=limits.max_items,
             max_ext_len=0,
         )
+    except _TooManyItems:
+        raise DecodeError(MALFORMED, f"more than {limits.max_items} items") from None
     except Exception as exc:  # msgpack raises many types; all mean "unparseable"
         raise DecodeError(MALFORMED, _unpack_failure(exc)) from None
     if type(obj) is not dict:
         raise DecodeError(MALFORMED, "frame is not a map")
-    problem = _walk(obj, limits.max_depth, limits.max_items)
+    problem = _walk(obj, limits.max_depth)
     if problem is not None:
         raise DecodeError(MALFORMED, problem)
     # Only a request's id may be echoed: an ``error`` with a ``ref`` fails that request.
@@ -300,7 +322,7 @@ def encode(msg: Message) -> bytes:
         if not ok:
             raise EncodeError(f"{msg.type}.{name} must be {_KIND_NAMES[kind]}")
         out[name] = value
-    problem = _walk(out, 1 << 30, 1 << 62)
+    problem = _walk(out, 1 << 30)
     if problem is not None:
         raise EncodeError(f"{msg.type}: {problem}")
     try:
