@@ -25,6 +25,7 @@ from aiohttp import web
 
 from manager.agentlink import AgentLinks
 from manager.context import ManagerContext
+from manager.demo import ensure_demo_guest
 from manager.metrics import LoopLagMonitor, Metrics
 from manager.pki import Pki
 from manager.settings import Settings
@@ -119,6 +120,16 @@ def lifecycle_enabled(env: dict[str, str] | os._Environ[str]) -> bool:
     return env.get("SYSVM_LIFECYCLE", "").strip().lower() in ("on", "1", "true", "yes")
 
 
+def lifecycle_interval(env: dict[str, str] | os._Environ[str]) -> float:
+    """Pure: seconds between lifecycle passes (``SYSVM_LIFECYCLE_INTERVAL``, default 10)."""
+    try:
+        return max(0.5, float(env.get("SYSVM_LIFECYCLE_INTERVAL", "") or 10.0))
+    except ValueError:
+        raise ConfigError(
+            f"SYSVM_LIFECYCLE_INTERVAL: expected seconds, got {env['SYSVM_LIFECYCLE_INTERVAL']!r}"
+        ) from None
+
+
 def _optional(module: str) -> bool:
     """True if a part owned by someone else is present (the tree is built in parallel)."""
     try:
@@ -205,8 +216,10 @@ async def run(cfg: DaemonConfig, stop: asyncio.Event | None = None) -> int:
             await ensure_initialized(ctx)
         from manager import network
         from manager.consoleproxy.runtime import setup as console_setup
+        from manager.templates import setup as templates_setup
 
         await network.setup(ctx)
+        await templates_setup(ctx)  # the built image becomes the default system template
         console = await console_setup(ctx)
         app = build_app(ctx)
         await ctx.links.start(*cfg.agent_listen)
@@ -214,7 +227,7 @@ async def run(cfg: DaemonConfig, stop: asyncio.Event | None = None) -> int:
         if lifecycle_enabled(os.environ):
             from manager.hypervisor.lifecycle import LifecycleLoop
 
-            lifecycle = LifecycleLoop(ctx)
+            lifecycle = LifecycleLoop(ctx, interval=lifecycle_interval(os.environ))
             lifecycle.start()
         runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await runner.setup()
@@ -222,6 +235,7 @@ async def run(cfg: DaemonConfig, stop: asyncio.Event | None = None) -> int:
         await site.start()
         lag = LoopLagMonitor(ctx.metrics)
         jobs: list[Callable[[], Coroutine[Any, Any, None]]] = [lag.run, notifier.run_watchdog]
+        jobs.append(lambda: ensure_demo_guest(ctx))  # only acts with SYSVM_DEMO_GUEST=on
         for fn in jobs:
             background.add(asyncio.create_task(fn()))
         notifier.ready(status="serving")

@@ -6,18 +6,22 @@ import asyncio
 import contextlib
 import ctypes
 import enum
+import errno
+import ipaddress
 import logging
 import os
 import secrets
 import shutil
 import signal
+import socket
 import string
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from manager.consoleproxy.tokens import ConsoleTarget
 from manager.guests import payload
@@ -28,6 +32,9 @@ log = logging.getLogger("sysvm.guests")
 # VNC passwords are at most 8 characters (the DES key of RFB's VNC authentication).
 _PW_ALPHABET = string.ascii_letters + string.digits
 VNC_PASSWORD_LEN = 8
+ENV_VNC_HOST = "SYSVM_GUEST_VNC_HOST"
+ENV_AGENT_URLS = "SYSVM_AGENT_URLS"
+LOOPBACK = "127.0.0.1"
 
 
 class GuestError(Exception):
@@ -57,6 +64,58 @@ class GuestVm:
     memory_mb: int = 64
 
 
+def default_vnc_host(env: Mapping[str, str]) -> str:
+    """Pure: the one address guests' VNC servers listen on.
+
+    Console proxy VMs run in their own network namespaces and reach this host at the
+    address system VMs are told to reach the manager on (the zone's control bridge address,
+    ``SYSVM_AGENT_URLS``): guests listen there, so a CPVM can relay their consoles.
+    ``SYSVM_GUEST_VNC_HOST`` overrides it; without either (or when the agent URL names a
+    host by DNS name) it is loopback, which only a proxy on this host's own network
+    reaches. Never a wildcard: VNC listens on one address, always behind a password."""
+    explicit = env.get(ENV_VNC_HOST, "").strip()
+    if explicit:
+        return check_vnc_host(explicit)
+    for url in env.get(ENV_AGENT_URLS, "").split(","):
+        host = urlsplit(url.strip()).hostname if url.strip() else None
+        if host is None:
+            continue
+        try:
+            return check_vnc_host(host)
+        except GuestError:
+            return LOOPBACK
+    return LOOPBACK
+
+
+def check_vnc_host(host: str) -> str:
+    """Pure: ``host`` if it is one concrete IP address (not a name, not a wildcard)."""
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        raise GuestError(f"guest VNC host {host!r} is not an IP address") from None
+    if ip.is_unspecified or ip.is_multicast:
+        raise GuestError(f"guest VNC host {host!r} must be one address of this host")
+    return str(ip)
+
+
+def vnc_listen(host: str) -> str:
+    """Pure: ``host`` as QEMU's ``-vnc`` wants it (IPv6 in brackets)."""
+    return f"[{host}]" if ":" in host else host
+
+
+def address_is_local(host: str) -> bool:
+    """True if this host can listen on ``host`` now (e.g. the control bridge exists)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, 0))
+        except OSError as e:
+            if e.errno == errno.EADDRNOTAVAIL:
+                return False
+            raise
+    return True
+
+
 def new_vnc_password() -> str:
     return "".join(secrets.choice(_PW_ALPHABET) for _ in range(VNC_PASSWORD_LEN))
 
@@ -80,7 +139,7 @@ def qemu_argv(
         "-name",
         name,
         "-vnc",
-        f"{vnc_host}:0,to=2000,password=on",
+        f"{vnc_listen(vnc_host)}:0,to=2000,password=on",
         "-qmp",
         f"unix:{qmp_path},server=on,wait=off",
         "-drive",
@@ -121,13 +180,14 @@ class GuestManager:
         run_dir: Path,
         *,
         qemu: str = "qemu-system-x86_64",
-        vnc_host: str = "127.0.0.1",
+        vnc_host: str | None = None,
         start_timeout: float = 15.0,
         stop_timeout: float = 10.0,
     ) -> None:
         self.run_dir = run_dir
         self.qemu = qemu
-        self.vnc_host = vnc_host
+        # None: default_vnc_host(os.environ) (SYSVM_GUEST_VNC_HOST / SYSVM_AGENT_URLS)
+        self.vnc_host = check_vnc_host(vnc_host) if vnc_host else default_vnc_host(os.environ)
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
         self._vms: dict[str, GuestVm] = {}
@@ -153,6 +213,11 @@ class GuestManager:
 
     def on_destroy(self, hook: Callable[[str], Awaitable[None]]) -> None:
         self._destroy_hooks.append(hook)
+
+    def vnc_host_ready(self) -> bool:
+        """True once this host has the VNC address (a control bridge appears when the
+        zone's first system VM starts)."""
+        return address_is_local(self.vnc_host)
 
     # -- lifecycle
     async def deploy(
@@ -231,6 +296,12 @@ class GuestManager:
         )
         if shutil.which(argv[0]) is None:
             raise GuestError(f"{argv[0]} not found (apt install qemu-system-x86)")
+        if not address_is_local(self.vnc_host):
+            raise GuestError(
+                f"guest VNC host {self.vnc_host} is not an address of this host (yet): it is "
+                f"the address system VMs reach the manager on ({ENV_AGENT_URLS}), on the "
+                f"zone's control bridge once a system VM runs; set {ENV_VNC_HOST} to override"
+            )
         logfd = _open_log(log_path)
         try:
             proc = await asyncio.create_subprocess_exec(
