@@ -25,9 +25,11 @@ import contextlib
 import enum
 import ipaddress
 import logging
+import math
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from manager.hypervisor.base import (
@@ -72,6 +74,8 @@ class Action:
     role: Role
     vm_id: str | None = None  # None for CREATE
     reason: str = ""
+    alert: bool = True  # RESTART: raise an alert (not for a VM stopped cleanly, e.g. by a
+    # manager shutdown: the next manager just boots it again)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +83,10 @@ class PlanSettings:
     agent_timeout: float = 150.0  # CloudStack: ping.interval 60 s x ping.timeout 2.5
     start_timeout: float = 300.0  # Starting without a hello for this long -> restart
     settle: float = 120.0  # no second action on one VM within this time
+    crash_settle: float = 10.0  # a dead process (crashed/absent) is restarted sooner
+    # a VM stopped through the API is started again this long after (CloudStack: at the
+    # next capacity scan); the manager uses *.capacityscan.interval
+    restart_stopped_after: float = 0.0
     default_hypervisor: str = "Embedded"
 
 
@@ -90,6 +98,8 @@ class Observed:
     connected: frozenset[str] = frozenset()  # vm ids with a live agent session
     last_action: Mapping[str, float] = field(default_factory=dict)  # vm id -> time acted on
     last_create: Mapping[tuple[str, str], float] = field(default_factory=dict)  # (zone, role)
+    busy: frozenset[str] = frozenset()  # vm ids an API operation is working on
+    api_ops: Mapping[str, float] = field(default_factory=dict)  # vm id -> last API op end
 
 
 # ---------------------------------------------------------------- pure planner
@@ -116,29 +126,42 @@ def plan(
             recent = obs.last_create.get((zone.id, role.value))
             if recent is not None and now - recent < settings.settle:
                 continue
-            stopped = sorted(
-                (v for v in mine if v.state == VmState.STOPPED and _may_act(v, now, settings, obs)),
-                key=lambda v: v.seq,
-            )
-            if stopped:
+            stopped = sorted((v for v in mine if v.state == VmState.STOPPED), key=lambda v: v.seq)
+            ready = [
+                v
+                for v in stopped
+                if v.id not in obs.busy
+                and _may_act(v, now, settings, obs)
+                and now - obs.api_ops.get(v.id, -math.inf) >= settings.restart_stopped_after
+            ]
+            if ready:
                 actions.append(
-                    Action(Kind.START, zone.id, role, stopped[0].id, f"no running {role.value}")
+                    Action(Kind.START, zone.id, role, ready[0].id, f"no running {role.value}")
                 )
-            elif not any(v.state in (VmState.STOPPING, VmState.ERROR) for v in mine):
+            elif not stopped and not any(
+                v.state in (VmState.STOPPING, VmState.ERROR) or v.id in obs.busy for v in mine
+            ):
                 actions.append(Action(Kind.CREATE, zone.id, role, None, f"no {role.value} in zone"))
     for vm in live:
+        if vm.id in obs.busy:
+            continue
         if vm.state == VmState.STARTING and vm.id in obs.connected:
             actions.append(Action(Kind.MARK_RUNNING, vm.zone_id, vm.role, vm.id, "agent connected"))
             continue
         reason = restart_reason(vm, now, settings, obs)
-        if reason and _may_act(vm, now, settings, obs):
-            actions.append(Action(Kind.RESTART, vm.zone_id, vm.role, vm.id, reason))
+        dead = obs.power.get(vm.id) in (PowerState.CRASHED, PowerState.ABSENT)
+        gap = settings.crash_settle if dead else settings.settle
+        if reason and _may_act(vm, now, settings, obs, gap):
+            clean = obs.power.get(vm.id) is PowerState.STOPPED
+            actions.append(Action(Kind.RESTART, vm.zone_id, vm.role, vm.id, reason, not clean))
     return actions
 
 
-def _may_act(vm: SystemVm, now: float, settings: PlanSettings, obs: Observed) -> bool:
+def _may_act(
+    vm: SystemVm, now: float, settings: PlanSettings, obs: Observed, gap: float | None = None
+) -> bool:
     last = obs.last_action.get(vm.id)
-    return last is None or now - last >= settings.settle
+    return last is None or now - last >= (settings.settle if gap is None else gap)
 
 
 def restart_reason(vm: SystemVm, now: float, settings: PlanSettings, obs: Observed) -> str:
@@ -204,6 +227,15 @@ def vm_spec(
     )
 
 
+def boot_extra(vm: SystemVm, zone: Zone) -> dict[str, Any]:
+    """Pure: role-specific boot data. A console proxy serves browsers on its control
+    address (reachable from the manager's host) until CPVMs get a public NIC; the console
+    URL names the address the proxy reports listening on."""
+    if vm.role is Role.CONSOLE_PROXY:
+        return {"listen_host": control_address(zone.linklocal_cidr, vm.seq)[0].split("/")[0]}
+    return {}
+
+
 def event_type(role: Role, what: str) -> str:
     return f"{EVENT_PREFIX[role]}.{what}"
 
@@ -213,6 +245,52 @@ def event_type(role: Role, what: str) -> str:
 
 class LifecycleError(RuntimeError):
     """An operation on a system VM failed; the message is fit for an API error text."""
+
+
+AGENT_WAIT = 180.0  # API start/reboot: how long to wait for the agent's hello
+
+
+class VmOps:
+    """Who is working on which VM: one lock per VM (API operations and the loop take it),
+    the VMs being worked on (the planner leaves them alone) and when each was last
+    operated on (the planner waits ``settle`` after that). One per manager context."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._users: dict[str, int] = {}
+        self.busy: set[str] = set()
+        self.last_op: dict[str, float] = {}
+        self.reset_create: set[tuple[str, str]] = set()  # (zone, role) destroyed by the API
+
+    @contextlib.asynccontextmanager
+    async def op(self, vm_id: str) -> AsyncIterator[None]:
+        lock = self._locks.setdefault(vm_id, asyncio.Lock())
+        self._users[vm_id] = self._users.get(vm_id, 0) + 1
+        self.busy.add(vm_id)
+        self.last_op[vm_id] = self.clock()
+        try:
+            async with lock:
+                yield
+        finally:
+            self.last_op[vm_id] = self.clock()
+            self._users[vm_id] -= 1
+            if self._users[vm_id] == 0:  # the last user leaves
+                del self._users[vm_id]
+                self.busy.discard(vm_id)
+                self._locks.pop(vm_id, None)
+
+
+_OPS_ATTR = "vm_ops"
+
+
+def vm_ops(ctx: ManagerContext) -> VmOps:
+    """The context's :class:`VmOps` (made on first use; ManagerContext has no slot)."""
+    ops = getattr(ctx, _OPS_ATTR, None)
+    if not isinstance(ops, VmOps):
+        ops = VmOps(ctx.clock)
+        setattr(ctx, _OPS_ATTR, ops)
+    return ops
 
 
 def _driver(ctx: ManagerContext, vm: SystemVm) -> Driver:
@@ -263,9 +341,45 @@ def _host_prefix(ctx: ManagerContext, drv: Driver) -> str:
     return str(getattr(drv, "prefix", "sv"))
 
 
-async def start_system_vm(ctx: ManagerContext, vm_id: str) -> SystemVm:
+def image_pin(driver_name: str, image_dir: Path) -> Path:
+    """Pure: what the host drivers' per-VM ``image`` file holds for an image directory
+    (nspawn: the overlay's lower rootfs; qemu: the image directory)."""
+    return image_dir / "rootfs" if driver_name == "nspawn" else image_dir
+
+
+async def _pin_template(ctx: ManagerContext, vm: SystemVm, drv: Driver) -> None:
+    """Before a VM's first boot, points its driver at its template's image. A VM keeps the
+    image it first booted (the driver's pin file) until it is destroyed."""
+    from manager.templates import get_template
+
+    if vm.template_id is None or not hasattr(drv, "vmdir"):
+        return
+    vmdir = Path(drv.vmdir(vm.id))
+    pin = vmdir / "image"
+    if pin.exists():
+        return
+    t = await get_template(ctx.store, vm.template_id)
+    if t is None:
+        raise LifecycleError(f"vm {vm.name}: template {vm.template_id} is not registered")
+    target = image_pin(drv.name, Path(t.image_dir))
+    if not target.exists():
+        raise LifecycleError(
+            f"vm {vm.name}: template {t.name} image {t.image_dir} is gone "
+            "(rebuild it with scripts/build-image or register another template)"
+        )
+    vmdir.mkdir(mode=0o700, parents=True, exist_ok=True)  # noqa: ASYNC240 - local, tiny
+    pin.write_text(f"{target}\n")
+
+
+async def start_system_vm(ctx: ManagerContext, vm_id: str, wait_agent: float = 0.0) -> SystemVm:
     """Issues a fresh enrolment token, boots the VM on its driver; Starting until its agent
-    says hello. A driver failure leaves the VM in Error with an alert, and raises."""
+    says hello. ``wait_agent`` > 0: waits that long for the agent and marks it Running (the
+    API's startSystemVm). A driver failure leaves the VM in Error with an alert, and raises."""
+    async with vm_ops(ctx).op(vm_id):
+        return await _start(ctx, vm_id, wait_agent)
+
+
+async def _start(ctx: ManagerContext, vm_id: str, wait_agent: float = 0.0) -> SystemVm:
     from manager.enrolment import issue_token, make_bootdata
 
     vm = await _get(ctx, vm_id)
@@ -280,12 +394,17 @@ async def start_system_vm(ctx: ManagerContext, vm_id: str) -> SystemVm:
         details = {**dict(vm.details), "started_at": now}
         await tx.update_system_vm(vm.id, state=VmState.STARTING, details=details)
     boot = make_bootdata(
-        vm, manager_urls=ctx.agent_urls, ca_fingerprint=ctx.pki.ca_fingerprint, token=token
+        vm,
+        manager_urls=ctx.agent_urls,
+        ca_fingerprint=ctx.pki.ca_fingerprint,
+        token=token,
+        extra=boot_extra(vm, zone),
     )
     spec = vm_spec(vm, zone, boot, _host_prefix(ctx, drv))
     try:
+        await _pin_template(ctx, vm, drv)
         await drv.start(spec)
-    except DriverError as e:
+    except (DriverError, LifecycleError, OSError) as e:
         log.error("event=vm_start_failed vm=%s error=%s", vm.id, e)
         await _record(ctx, vm, "START", "ERROR", f"start failed: {e}", alert=True,
                       state=VmState.ERROR)  # fmt: skip
@@ -295,14 +414,37 @@ async def start_system_vm(ctx: ManagerContext, vm_id: str) -> SystemVm:
         ctx, vm, "START", "INFO", f"started on {drv.name}",
         linklocal_ip=control.split("/")[0] if control else None,
     )  # fmt: skip
+    if wait_agent > 0:
+        await _wait_agent(ctx, vm, wait_agent)
     return await _get(ctx, vm_id)
+
+
+async def _wait_agent(ctx: ManagerContext, vm: SystemVm, timeout: float) -> None:  # noqa: ASYNC109
+    """Polls the agent link until the VM's agent is connected, then marks it Running."""
+    deadline = ctx.clock() + timeout
+    while not ctx.links.is_connected(vm.id):
+        if ctx.clock() > deadline:
+            raise LifecycleError(
+                f"vm {vm.name}: started, but its agent did not connect within {timeout:.0f} s"
+            )
+        await asyncio.sleep(0.1)
+    cur = await _get(ctx, vm.id)
+    if cur.state == VmState.STARTING:
+        await _record(ctx, vm, "START", "INFO", "agent connected: running",
+                      state=VmState.RUNNING)  # fmt: skip
 
 
 async def stop_system_vm(ctx: ManagerContext, vm_id: str, forced: bool = False,
                          timeout: float = 30.0) -> SystemVm:  # fmt: skip  # noqa: ASYNC109
+    async with vm_ops(ctx).op(vm_id):
+        return await _stop(ctx, vm_id, forced, timeout)
+
+
+async def _stop(ctx: ManagerContext, vm_id: str, forced: bool, timeout: float) -> SystemVm:  # noqa: ASYNC109
     vm = await _get(ctx, vm_id)
     drv = _driver(ctx, vm)
-    await _record(ctx, vm, "STOP", "INFO", "stopping", state=VmState.STOPPING)
+    await _record(ctx, vm, "STOP", "INFO", "stopping" + (" (forced)" if forced else ""),
+                  state=VmState.STOPPING)  # fmt: skip
     ctx.links.disconnect(vm.id, "vm stopping")
     try:
         await drv.stop(vm.id, 0 if forced else timeout)
@@ -323,37 +465,57 @@ async def stop_vm(ctx: ManagerContext, vm_id: str) -> SystemVm:
     return await stop_system_vm(ctx, vm_id)
 
 
-async def reboot_system_vm(ctx: ManagerContext, vm_id: str, timeout: float = 30.0) -> SystemVm:  # noqa: ASYNC109
-    await stop_system_vm(ctx, vm_id, timeout=timeout)
-    return await start_system_vm(ctx, vm_id)
+async def reboot_system_vm(ctx: ManagerContext, vm_id: str, timeout: float = 30.0,  # noqa: ASYNC109
+                           wait_agent: float = 0.0) -> SystemVm:  # fmt: skip
+    """Clean stop, then start (fresh boot data; the agent keeps its certificate)."""
+    async with vm_ops(ctx).op(vm_id):
+        vm = await _get(ctx, vm_id)
+        await _record(ctx, vm, "REBOOT", "INFO", "rebooting")
+        await _stop(ctx, vm_id, False, timeout)
+        return await _start(ctx, vm_id, wait_agent)
 
 
 async def destroy_system_vm(ctx: ManagerContext, vm_id: str) -> SystemVm:
-    vm = await _get(ctx, vm_id)
-    drv = ctx.hypervisors.get(vm.hypervisor)
-    ctx.links.disconnect(vm.id, "vm destroyed")
-    if drv is not None:
-        try:
-            await drv.destroy(vm.id)
-        except DriverError as e:
-            await _record(ctx, vm, "DESTROY", "ERROR", f"destroy failed: {e}", alert=True,
-                          state=VmState.ERROR)  # fmt: skip
-            raise LifecycleError(f"vm {vm.name}: {e}") from e
-    now = ctx.clock()
-    async with ctx.store.transaction() as tx:
-        await tx.revoke_certificates(vm.id, "vm destroyed", now)
-    await _record(ctx, vm, "DESTROY", "INFO", "destroyed", state=VmState.DESTROYED)
-    got = await ctx.store.get_system_vm(vm_id)
+    """Forced stop, disk and NICs removed, Destroyed, certificates revoked (after the
+    commit, through the agent link). The loop then replaces a zone's CPVM/SSVM."""
+    ops = vm_ops(ctx)
+    async with ops.op(vm_id):
+        vm = await _get(ctx, vm_id)
+        drv = ctx.hypervisors.get(vm.hypervisor)
+        ctx.links.disconnect(vm.id, "vm destroyed")
+        if drv is not None:
+            try:
+                await drv.destroy(vm.id)
+            except DriverError as e:
+                await _record(ctx, vm, "DESTROY", "ERROR", f"destroy failed: {e}", alert=True,
+                              state=VmState.ERROR)  # fmt: skip
+                raise LifecycleError(f"vm {vm.name}: {e}") from e
+        await _record(ctx, vm, "DESTROY", "INFO", "destroyed", state=VmState.DESTROYED)
+        await ctx.links.revoke(vm.id, "vm destroyed")
+        ops.reset_create.add((vm.zone_id, vm.role.value))
+        got = await ctx.store.get_system_vm(vm_id)
     assert got is not None
     return got
 
 
 async def create_system_vm(ctx: ManagerContext, zone_id: str, role: Role,
                            hypervisor: str) -> SystemVm:  # fmt: skip
+    """Creates the record (on the template ``router.template.<hypervisor>`` names, see
+    :mod:`manager.templates`) and boots it."""
+    from manager.templates import TemplateError, template_for_new_vm
+
+    try:
+        template = await template_for_new_vm(ctx, zone_id, hypervisor)
+    except TemplateError as e:
+        raise LifecycleError(str(e)) from e
     async with ctx.store.transaction() as tx:
-        vm = await tx.create_system_vm(role=role, zone_id=zone_id, hypervisor=hypervisor)
+        vm = await tx.create_system_vm(
+            role=role, zone_id=zone_id, hypervisor=hypervisor,
+            template_id=template.id if template else None,
+        )  # fmt: skip
         await tx.bump_desired([vm.id])  # version 1: its first config, pushed at hello
-    await _record(ctx, vm, "CREATE", "INFO", f"created on {hypervisor}")
+    await _record(ctx, vm, "CREATE", "INFO", f"created on {hypervisor}" + (
+        f" from template {template.name}" if template else ""))  # fmt: skip
     return await start_system_vm(ctx, vm.id)
 
 
@@ -379,6 +541,7 @@ class LifecycleLoop:
         self.last_create: dict[tuple[str, str], float] = {}
         self._task: asyncio.Task[None] | None = None
         self.passes = 0
+        self.starting = False  # some VM was Starting at the last pass
 
     def start(self) -> None:
         if self._task is None:
@@ -401,7 +564,8 @@ class LifecycleLoop:
                 await self.run_once()
             except Exception:
                 log.exception("event=lifecycle_pass_failed")
-            await asyncio.sleep(self.interval)
+            # a VM waiting for its agent is marked Running within a second of its hello
+            await asyncio.sleep(min(self.interval, 1.0) if self.starting else self.interval)
 
     async def observe(self, vms: Sequence[SystemVm]) -> Observed:
         power: dict[str, PowerState] = {}
@@ -413,7 +577,18 @@ class LifecycleLoop:
                 except DriverError as e:
                     log.warning("event=vm_state_failed vm=%s error=%s", vm.id, e)
         connected = frozenset(v.id for v in vms if self.ctx.links.is_connected(v.id))
-        return Observed(power, connected, dict(self.last_action), dict(self.last_create))
+        ops = vm_ops(self.ctx)
+        for key in ops.reset_create:  # the API destroyed one: replace it without waiting
+            self.last_create.pop(key, None)
+        ops.reset_create.clear()
+        return Observed(
+            power,
+            connected,
+            dict(self.last_action),
+            dict(self.last_create),
+            frozenset(ops.busy),
+            dict(ops.last_op),
+        )
 
     async def run_once(self) -> list[Action]:
         ctx = self.ctx
@@ -423,6 +598,9 @@ class LifecycleLoop:
         now = ctx.clock()
         actions = plan(zones, vms, now, settings, await self.observe(vms))
         by_id = {v.id: v for v in vms}
+        self.starting = any(v.state == VmState.STARTING for v in vms) or any(
+            a.kind in (Kind.CREATE, Kind.START, Kind.RESTART) for a in actions
+        )
         for a in actions:
             log.info("event=lifecycle_action kind=%s zone=%s role=%s vm=%s reason=%s",
                      a.kind.value, a.zone_id, a.role.value, a.vm_id or "-",
@@ -451,23 +629,33 @@ class LifecycleLoop:
             self.last_action[vm.id] = now
             return
         assert a.vm_id is not None
-        vm = by_id[a.vm_id]
-        if a.kind is Kind.MARK_RUNNING:
-            await _record(ctx, vm, "START", "INFO", "agent connected: running",
-                          state=VmState.RUNNING)  # fmt: skip
-            return
-        self.last_action[a.vm_id] = now
-        if a.kind is Kind.RESTART:
-            await _record(ctx, vm, "RESTART", "WARN", f"restarting: {a.reason}", alert=True)
-            drv = _driver(ctx, vm)
-            with contextlib.suppress(DriverError):
-                await drv.stop(vm.id, 0)  # it is dead or silent: no clean shutdown to wait for
-            ctx.links.disconnect(vm.id, "vm restarting")
-        await start_system_vm(ctx, vm.id)
+        vm_id = a.vm_id
+        async with vm_ops(ctx).op(vm_id):
+            cur = await ctx.store.get_system_vm(vm_id)
+            if cur is None or cur.state != by_id[vm_id].state:
+                return  # changed since planning (an API operation): plan again next pass
+            vm = cur
+            if a.kind is Kind.MARK_RUNNING:
+                await _record(ctx, vm, "START", "INFO", "agent connected: running",
+                              state=VmState.RUNNING)  # fmt: skip
+                return
+            self.last_action[vm_id] = now
+            if a.kind is Kind.RESTART:
+                await _record(ctx, vm, "RESTART", "WARN", f"restarting: {a.reason}",
+                              alert=a.alert)  # fmt: skip
+                drv = _driver(ctx, vm)
+                with contextlib.suppress(DriverError):
+                    await drv.stop(vm.id, 0)  # dead or silent: no clean shutdown to wait for
+                ctx.links.disconnect(vm.id, "vm restarting")
+            await _start(ctx, vm.id)
 
 
 def plan_settings(ctx: ManagerContext) -> PlanSettings:
     """Planner settings from the manager's settings (agent heartbeat x ping.timeout)."""
     hb = float(ctx.settings.get("sysvm.agent.heartbeat.interval"))
     factor = float(ctx.settings.get("ping.timeout"))
-    return PlanSettings(agent_timeout=max(30.0, hb * factor * 3))
+    scan = max(
+        float(ctx.settings.get("consoleproxy.capacityscan.interval")),
+        float(ctx.settings.get("secstorage.capacityscan.interval")),
+    )
+    return PlanSettings(agent_timeout=max(30.0, hb * factor * 3), restart_stopped_after=scan)

@@ -13,6 +13,8 @@ from manager.api.commands import (
     net_rules,
     network,
     systemvms,
+    sysvm_actions,
+    templates,
     vms,
 )
 
@@ -27,5 +29,7 @@ __all__ = [
     "net_rules",
     "network",
     "systemvms",
+    "sysvm_actions",
+    "templates",
     "vms",
 ]

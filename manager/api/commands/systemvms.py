@@ -9,6 +9,7 @@ from manager.api.commands.infra import names
 from manager.api.dispatch import Call, Param, PType, api_command, keyword_match
 from manager.api.responses import ListResult, fmt_date
 from manager.store.base import Role, SystemVm, VmState
+from manager.templates import list_templates
 
 # CloudStack's systemvmtype values.
 SYSTEMVM_TYPE = {
@@ -103,6 +104,7 @@ def systemvm_view(
         "privateip",
         "linklocalip",
         "templateid",
+        "templatename",
         "hypervisor",
         "created",
         "activeviewersessions",
@@ -123,6 +125,7 @@ async def list_system_vms(call: Call) -> ListResult:
     vms = await call.ctx.store.list_system_vms(zone_id=a.get("zoneid"), role=role, states=states)
     zones, pods, _ = await names(call)
     hosts = {h.id: h.name for h in await call.ctx.store.list_hosts()}
+    template_names = {t.id: t.name for t in await list_templates(call.ctx.store)}
     out = [
         systemvm_view(call, vm, zones, pods, hosts)
         for vm in vms
@@ -133,4 +136,7 @@ async def list_system_vms(call: Call) -> ListResult:
         and a.get("hostid") in (None, vm.host_id)
         and keyword_match(a.get("keyword"), vm.name)
     ]
+    for view in out:
+        if view.get("templateid") in template_names:
+            view["templatename"] = template_names[view["templateid"]]
     return ListResult("systemvm", out)

@@ -161,3 +161,13 @@ def test_control_address_and_spec() -> None:
     spec = vm_spec(vm("cp"), zone(), {"vm_id": "cp"}, "sv")
     assert spec.nics[0].kind == "control" and spec.nics[0].bridge.startswith("svb")
     assert spec.role == "consoleproxy" and spec.boot_data == {"vm_id": "cp"}
+
+
+def test_console_proxy_boot_data_names_its_listen_address() -> None:
+    from manager.hypervisor.lifecycle import boot_extra
+
+    z = zone()
+    cpvm = vm("c1", Role.CONSOLE_PROXY, seq=7)
+    want = control_address(z.linklocal_cidr, 7)[0].split("/")[0]
+    assert boot_extra(cpvm, z) == {"listen_host": want}
+    assert boot_extra(replace(cpvm, role=Role.SECONDARY_STORAGE), z) == {}
