@@ -45,6 +45,7 @@ class NetworkOffering:
     is_default: bool
     state: str
     created: float
+    service_offering_id: str | None = None  # routers' sizing; None: the network's own
 
 
 @dataclass(frozen=True, slots=True)

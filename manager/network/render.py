@@ -148,7 +148,6 @@ def render_router(state: NetworkState, nics: RouterNics, stats_interval: float) 
 
     out: dict[str, Any] = {
         "interfaces": interfaces,
-        "domain": net.network_domain,
         "dns_servers": [d for d in (net.dns1, net.dns2) if d],
         "firewall": firewall,
         "egress": egress,
@@ -159,6 +158,11 @@ def render_router(state: NetworkState, nics: RouterNics, stats_interval: float) 
         "vm_data": vm_data,
         "stats": {"interval": float(stats_interval)},
     }
+    if net.network_domain:
+        # A network without a domain (legacy rows, future callers) leaves it out: the
+        # router's default ("cloud.internal", the API's default too) applies. An empty
+        # string would be refused by the router's parser.
+        out["domain"] = net.network_domain
     if source_nat is not None and "SourceNat" in services:
         out["source_nat"] = source_nat
     return out

@@ -52,6 +52,7 @@ def _offering(r: Mapping[str, Any]) -> NetworkOffering:
         is_default=bool(r["is_default"]),
         state=r["state"],
         created=r["created"],
+        service_offering_id=r.get("service_offering_id"),
     )
 
 
@@ -131,8 +132,8 @@ async def get_offering(q: Reader, offering_id: str) -> NetworkOffering | None:
 async def add_offering(tx: Writer, o: NetworkOffering) -> None:
     await tx.execute(
         "INSERT INTO network_offerings (id, name, display_text, guest_ip_type, services, "
-        "egress_default_allow, specify_ip_ranges, is_default, state, created) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "egress_default_allow, specify_ip_ranges, is_default, state, created, "
+        "service_offering_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             o.id,
             o.name,
@@ -144,7 +145,37 @@ async def add_offering(tx: Writer, o: NetworkOffering) -> None:
             int(o.is_default),
             o.state,
             o.created,
+            o.service_offering_id,
         ),
+    )
+
+
+async def services_in_use(q: Reader, network_id: str) -> dict[str, int]:
+    """Service → how many rules, addresses or NICs of the network use it (what an offering
+    change must not drop)."""
+    counts = await q.fetchall(
+        "SELECT 'Firewall' AS s, COUNT(*) AS n FROM firewall_rules WHERE network_id = ? "
+        "UNION ALL SELECT 'PortForwarding', COUNT(*) FROM port_forwarding_rules "
+        "WHERE network_id = ? "
+        "UNION ALL SELECT 'Lb', COUNT(*) FROM lb_rules WHERE network_id = ? "
+        "UNION ALL SELECT 'StaticNat', COUNT(*) FROM public_ips "
+        "WHERE network_id = ? AND static_nat_vm_id IS NOT NULL "
+        "UNION ALL SELECT 'SourceNat', COUNT(*) FROM public_ips "
+        "WHERE network_id = ? AND is_source_nat = 1 "
+        "UNION ALL SELECT 'Dhcp', COUNT(*) FROM guest_nics WHERE network_id = ? "
+        "UNION ALL SELECT 'UserData', COUNT(*) FROM guest_nics "
+        "WHERE network_id = ? AND userdata != ''",
+        (network_id,) * 7,
+    )
+    return {r["s"]: int(r["n"]) for r in counts if r["n"]}
+
+
+async def set_network_offering(
+    tx: Writer, network_id: str, offering_id: str, service_offering_id: str | None
+) -> None:
+    await tx.execute(
+        "UPDATE networks SET offering_id = ?, service_offering_id = ? WHERE id = ?",
+        (offering_id, service_offering_id, network_id),
     )
 
 

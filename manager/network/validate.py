@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from manager.network.model import FirewallRule, LbRule, PortForwardingRule
@@ -326,3 +326,42 @@ def guest_ip_in(network_cidr: str, value: str, what: str = "vmguestip") -> str:
     if addr not in ipaddress.IPv4Network(network_cidr):
         raise NetError(f"{what} {addr} is not in the network {network_cidr}")
     return str(addr)
+
+
+RULE_WORDS = {
+    "Firewall": "firewall rule(s)",
+    "PortForwarding": "port forwarding rule(s)",
+    "Lb": "load balancer rule(s)",
+    "StaticNat": "static NAT address(es)",
+    "SourceNat": "source NAT address(es)",
+    "Dhcp": "guest VM NIC(s)",
+    "UserData": "guest VM(s) with user data",
+}
+
+
+def offering_change(
+    network_name: str,
+    guest_type: str,
+    old_services: Sequence[str],
+    new_name: str,
+    new_guest_type: str,
+    new_state: str,
+    new_services: Sequence[str],
+    in_use: Mapping[str, int],
+) -> None:
+    """updateNetwork networkofferingid=: refused (NetError, a 431) when the new offering is
+    disabled, of another guest type, or drops a service something still uses."""
+    if new_state != "Enabled":
+        raise NetError(f"network offering {new_name} is not enabled")
+    if new_guest_type != guest_type:
+        raise NetError(
+            f"network {network_name} is {guest_type}: offering {new_name} is for "
+            f"{new_guest_type} networks"
+        )
+    dropped = [s for s in old_services if s not in new_services and in_use.get(s)]
+    if dropped:
+        used = ", ".join(f"{s} ({in_use[s]} {RULE_WORDS.get(s, 'use(s)')})" for s in dropped)
+        raise NetError(
+            f"network offering {new_name} lacks service(s) still in use on network "
+            f"{network_name}: {used}; remove them first"
+        )

@@ -20,17 +20,26 @@ from manager.api.commands.net_common import (
     zone_names,
 )
 from manager.api.dispatch import Call, Param, PType, api_command, keyword_match
-from manager.api.responses import AsyncResult, ListResult, fmt_date, param_error
+from manager.api.responses import ApiError, AsyncResult, ListResult, fmt_date, param_error
 from manager.network import ipam
 from manager.network import routers as rt
 from manager.network import store as ns
-from manager.network.model import ISOLATED, SHARED, Network, NetworkOffering, PublicIp
-from manager.network.runtime import RUNTIME, changed
+from manager.network.model import (
+    ISOLATED,
+    SERVICES,
+    SHARED,
+    Network,
+    NetworkOffering,
+    PublicIp,
+    RouterOffering,
+)
+from manager.network.runtime import RUNTIME, changed, wait_applied
 from manager.network.validate import (
     NetError,
     check_no_overlap,
     dns_server,
     network_addressing,
+    offering_change,
 )
 from manager.network.validate import (
     network_domain as check_domain,
@@ -47,7 +56,7 @@ GONE = (VmState.DESTROYED, VmState.EXPUNGING)
 
 
 def offering_view(o: NetworkOffering) -> dict[str, Any]:
-    return {
+    view: dict[str, Any] = {
         "id": o.id,
         "name": o.name,
         "displaytext": o.display_text,
@@ -69,6 +78,9 @@ def offering_view(o: NetworkOffering) -> dict[str, Any]:
         "created": fmt_date(o.created),
         "service": service_view(o),
     }
+    if o.service_offering_id:
+        view["serviceofferingid"] = o.service_offering_id
+    return view
 
 
 @api_command(
@@ -105,6 +117,26 @@ async def list_network_offerings(call: Call) -> ListResult:
     return ListResult("networkoffering", out)
 
 
+def service_offering_view(o: RouterOffering) -> dict[str, Any]:
+    return {
+        "id": o.id,
+        "name": o.name,
+        "displaytext": o.display_text,
+        "cpunumber": o.cpu_number,
+        "cpuspeed": o.cpu_speed,
+        "memory": o.memory_mb,
+        "created": fmt_date(o.created),
+        "storagetype": "shared",
+        "offerha": False,
+        "limitcpuuse": False,
+        "isvolatile": False,
+        "issystem": True,
+        "defaultuse": o.is_default,
+        "systemvmtype": "domainrouter",
+        "iscustomized": False,
+    }
+
+
 @api_command(
     "listServiceOfferings",
     "Lists service offerings (issystem=true: the system offerings, e.g. the router's)",
@@ -123,23 +155,7 @@ async def list_service_offerings(call: Call) -> ListResult:
     if not a.get("issystem", False) and "systemvmtype" not in a and "id" not in a:
         return ListResult("serviceoffering", [])  # user offerings: none here
     out = [
-        {
-            "id": o.id,
-            "name": o.name,
-            "displaytext": o.display_text,
-            "cpunumber": o.cpu_number,
-            "cpuspeed": o.cpu_speed,
-            "memory": o.memory_mb,
-            "created": fmt_date(o.created),
-            "storagetype": "shared",
-            "offerha": False,
-            "limitcpuuse": False,
-            "isvolatile": False,
-            "issystem": True,
-            "defaultuse": o.is_default,
-            "systemvmtype": "domainrouter",
-            "iscustomized": False,
-        }
+        service_offering_view(o)
         for o in await ns.list_router_offerings(call.ctx.store)
         if a.get("id") in (None, o.id)
         and a.get("name") in (None, o.name)
@@ -274,7 +290,14 @@ async def create_network(call: Call) -> dict[str, Any]:
         dns2 = dns_server(a["dns2"], "dns2") if a.get("dns2") else None
     except NetError as e:
         raise param_error(str(e)) from None
-    router_offering = next(iter(await ns.list_router_offerings(store)), None)
+    router_offering = next(
+        (
+            o
+            for o in await ns.list_router_offerings(store)
+            if o.id == offering.service_offering_id or offering.service_offering_id is None
+        ),
+        None,
+    )
     network = Network(
         id=ns.new_id(),
         name=name,
@@ -685,6 +708,259 @@ async def destroy_router(call: Call) -> AsyncResult:
     job = await call.jobs.submit(
         ctx, "destroyRouter", call.user.account_id, work, "DomainRouter", vm.id
     )
+    return AsyncResult(job, id=vm.id)
+
+
+# --- sizing: offerings, updateNetwork, changeServiceForRouter -------------------------
+
+
+@api_command(
+    "createServiceOffering",
+    "Creates a service offering; here only system offerings for virtual routers "
+    "(issystem=true, systemvmtype=domainrouter)",
+    params=(
+        Param("name", required=True, description="the name of the service offering"),
+        Param("displaytext", description="the display text of the service offering"),
+        Param("cpunumber", PType.INTEGER, description="vCPUs (default 1)", min=1, max=64),
+        Param("cpuspeed", PType.INTEGER, description="MHz (default 500)", min=100, max=100_000),
+        Param("memory", PType.INTEGER, description="MiB (default 512)", min=64, max=1_048_576),
+        Param("issystem", PType.BOOLEAN, description="must be true"),
+        Param("systemvmtype", description="must be domainrouter"),
+    ),
+    admin=True,
+    response_fields=("id", "name", "cpunumber", "memory", "issystem", "systemvmtype"),
+)
+async def create_service_offering(call: Call) -> dict[str, Any]:
+    a = call.args
+    if not a.get("issystem") or a.get("systemvmtype") != "domainrouter":
+        raise param_error(
+            "only system offerings for virtual routers can be created here "
+            "(issystem=true, systemvmtype=domainrouter)"
+        )
+    name = a["name"].strip()
+    if not name:
+        raise param_error("Parameter name must not be empty")
+    store = call.ctx.store
+    if any(o.name == name for o in await ns.list_router_offerings(store)):
+        raise param_error(f"A service offering named {name} already exists")
+    o = RouterOffering(
+        id=ns.new_id(),
+        name=name,
+        display_text=(a.get("displaytext") or name).strip() or name,
+        cpu_number=int(a.get("cpunumber") or 1),
+        cpu_speed=int(a.get("cpuspeed") or 500),
+        memory_mb=int(a.get("memory") or 512),
+        is_default=False,
+        created=call.ctx.clock(),
+    )
+    async with store.transaction() as tx:
+        await ns.add_router_offering(tx, o)
+    log.info("event=router_offering_created offering=%s memory=%d", o.id, o.memory_mb)
+    return {"serviceoffering": service_offering_view(o)}
+
+
+@api_command(
+    "createNetworkOffering",
+    "Creates a network offering (its routers sized by serviceofferingid)",
+    params=(
+        Param("name", required=True, description="the name of the network offering"),
+        Param("displaytext", description="the display text of the network offering"),
+        Param("guestiptype", required=True, description="Isolated or Shared",
+              choices=(ISOLATED, SHARED)),
+        Param("traffictype", description="Guest", choices=("Guest", "GUEST", "guest")),
+        Param("supportedservices", PType.LIST, description="services the offering provides"),
+        Param("serviceofferingid", PType.UUID, description="system offering of its routers"),
+        Param("egressdefaultpolicy", PType.BOOLEAN, description="true: egress allowed"),
+        Param("specifyipranges", PType.BOOLEAN, description="IP ranges given at creation"),
+        Param("enable", PType.BOOLEAN, description="create it Enabled (default Disabled)"),
+        Param("serviceproviderlist", PType.MAP, description="accepted; VirtualRouter only"),
+        Param("specifyvlan", PType.BOOLEAN, description="accepted for compatibility"),
+        Param("conservemode", PType.BOOLEAN, description="accepted for compatibility"),
+    ),
+    admin=True,
+    response_fields=("id", "name", "guestiptype", "state", "service"),
+)  # fmt: skip
+async def create_network_offering(call: Call) -> dict[str, Any]:
+    a = call.args
+    store = call.ctx.store
+    by_lower = {s.lower(): s for s in SERVICES}
+    services: list[str] = []
+    for raw in a.get("supportedservices") or []:
+        svc = by_lower.get(str(raw).strip().lower())
+        if svc is None:
+            raise param_error(
+                f"Unsupported service {raw}: the virtual router provides {', '.join(SERVICES)}"
+            )
+        if svc not in services:
+            services.append(svc)
+    name = a["name"].strip()
+    if not name:
+        raise param_error("Parameter name must not be empty")
+    if any(o.name == name for o in await ns.list_offerings(store)):
+        raise param_error(f"A network offering named {name} already exists")
+    so = a.get("serviceofferingid")
+    if so is not None and not any(o.id == so for o in await ns.list_router_offerings(store)):
+        raise param_error(f"Unable to find system service offering {so} for domain routers")
+    o = NetworkOffering(
+        id=ns.new_id(),
+        name=name,
+        display_text=(a.get("displaytext") or name).strip() or name,
+        guest_ip_type=a["guestiptype"],
+        services=tuple(s for s in SERVICES if s in services),
+        egress_default_allow=bool(a.get("egressdefaultpolicy", True)),
+        specify_ip_ranges=bool(a.get("specifyipranges", a["guestiptype"] == SHARED)),
+        is_default=False,
+        state="Enabled" if a.get("enable") else "Disabled",
+        created=call.ctx.clock(),
+        service_offering_id=so,
+    )
+    async with store.transaction() as tx:
+        await ns.add_offering(tx, o)
+    return {"networkoffering": offering_view(o)}
+
+
+async def _resize(call: Call, network_id: str) -> SystemVm:
+    """The rolling replacement restartNetwork cleanup=true does: the new router (with the
+    network's current sizing) is up and configured before the old one goes."""
+    return await rt.replace(call.ctx, network_id)
+
+
+@api_command(
+    "updateNetwork",
+    "Updates a network: name, display text, or its network offering (a new router sizing "
+    "is applied by a rolling router replacement; services still in use cannot be dropped)",
+    params=(
+        Param("id", PType.UUID, required=True, description="the ID of the network"),
+        Param("name", description="the new name for the network"),
+        Param("displaytext", description="the new display text for the network"),
+        Param("networkofferingid", PType.UUID, description="the new network offering"),
+        Param("changecidr", PType.BOOLEAN, description="accepted for compatibility"),
+        Param("forced", PType.BOOLEAN, description="accepted for compatibility"),
+    ),
+    is_async=True,
+)
+async def update_network(call: Call) -> AsyncResult:
+    a = call.args
+    net = await network_or_431(call, a["id"], "id")
+    store = call.ctx.store
+    new_offering: NetworkOffering | None = None
+    if a.get("networkofferingid") and a["networkofferingid"] != net.offering_id:
+        new_offering = await ns.get_offering(store, a["networkofferingid"])
+        if new_offering is None:
+            raise param_error(f"Unable to find network offering {a['networkofferingid']}")
+    resize = False
+    versions: dict[str, int] = {}
+    try:
+        async with store.transaction() as tx:
+            cur = await ns.get_network(tx, net.id)
+            if cur is None:
+                raise param_error(f"Unable to find network with the specified id {net.id}")
+            if a.get("name") or a.get("displaytext"):
+                await tx.execute(
+                    "UPDATE networks SET name = ?, display_text = ? WHERE id = ?",
+                    (
+                        (a.get("name") or cur.name).strip() or cur.name,
+                        (a.get("displaytext") or cur.display_text).strip() or cur.display_text,
+                        cur.id,
+                    ),
+                )
+            if new_offering is not None:
+                old = await ns.get_offering(tx, cur.offering_id)
+                offering_change(
+                    cur.name,
+                    cur.guest_type,
+                    old.services if old is not None else (),
+                    new_offering.name,
+                    new_offering.guest_ip_type,
+                    new_offering.state,
+                    new_offering.services,
+                    await ns.services_in_use(tx, cur.id),
+                )
+                sizing = new_offering.service_offering_id or cur.service_offering_id
+                resize = sizing != cur.service_offering_id
+                await ns.set_network_offering(tx, cur.id, new_offering.id, sizing)
+                # In place for the services (same router) unless it is to be replaced.
+                versions = {} if resize else await changed(tx, cur.id)
+    except NetError as e:
+        raise param_error(str(e)) from None
+    network_id = net.id
+
+    async def work() -> dict[str, Any]:
+        if resize and await ns.router_ids(store, network_id):
+            try:
+                await _resize(call, network_id)
+            except ApiError as e:  # the old router stays: so does the old offering
+                async with store.transaction() as tx:
+                    await ns.set_network_offering(
+                        tx, network_id, net.offering_id, net.service_offering_id
+                    )
+                raise ApiError(e.errorcode, f"{e.text} (the offering was not changed)") from None
+        elif versions:
+            await wait_applied(store, versions)
+        done = await ns.get_network(store, network_id)
+        assert done is not None
+        offerings = {o.id: o for o in await ns.list_offerings(store)}
+        return {"network": await network_view(call, done, offerings, await zone_names(call))}
+
+    job = await call.jobs.submit(
+        call.ctx, "updateNetwork", call.user.account_id, work, "Network", network_id
+    )
+    if new_offering is not None:
+        log.info(
+            "event=network_offering_changed network=%s offering=%s resize=%s",
+            network_id,
+            new_offering.id,
+            resize,
+        )
+    return AsyncResult(job, id=network_id)
+
+
+@api_command(
+    "changeServiceForRouter",
+    "Changes the service offering (sizing) of a router's network: a new router with the new "
+    "sizing is up and configured before this one goes (the returned router is the new one)",
+    params=(
+        Param("id", PType.UUID, required=True, description="the ID of the router"),
+        Param("serviceofferingid", PType.UUID, required=True,
+              description="a system offering for domain routers"),
+    ),
+    is_async=True,
+    admin=True,
+)  # fmt: skip
+async def change_service_for_router(call: Call) -> AsyncResult:
+    vm = await router_or_431(call, call.args["id"])
+    store = call.ctx.store
+    so = call.args["serviceofferingid"]
+    offering = next((o for o in await ns.list_router_offerings(store) if o.id == so), None)
+    if offering is None:
+        raise param_error(f"Unable to find system service offering {so} for domain routers")
+    network_id = await ns.network_of_router(store, vm.id)
+    if network_id is None:
+        raise param_error(f"Router {vm.name} belongs to no network")
+    current = vm.details.get("service_offering_id") if vm.details else None
+    if current == so:
+        raise param_error(f"Router {vm.name} already uses service offering {offering.name}")
+    async with store.transaction() as tx:
+        await tx.execute(
+            "UPDATE networks SET service_offering_id = ? WHERE id = ?", (so, network_id)
+        )
+
+    async def work() -> dict[str, Any]:
+        try:
+            new = await _resize(call, network_id)
+        except ApiError as e:  # the old router stays, with its sizing
+            async with store.transaction() as tx:
+                await tx.execute(
+                    "UPDATE networks SET service_offering_id = ? WHERE id = ?",
+                    (current, network_id),
+                )
+            raise ApiError(e.errorcode, f"{e.text} (the sizing was not changed)") from None
+        return {"router": await router_view(call, new)}
+
+    job = await call.jobs.submit(
+        call.ctx, "changeServiceForRouter", call.user.account_id, work, "DomainRouter", vm.id
+    )
+    log.info("event=router_resize router=%s offering=%s", vm.name, so)
     return AsyncResult(job, id=vm.id)
 
 

@@ -4,11 +4,19 @@ startVirtualMachine, stopVirtualMachine, destroyVirtualMachine, listVirtualMachi
 A guest is a QEMU process on the manager's host (:mod:`manager.guests`) with a VNC console
 behind a password the manager sets; the VNC host, port and password are never part of a
 response. Records live in ``guest_vms`` (:mod:`manager.consoleproxy.records`).
+
+Guest networks: ``deployVirtualMachine networkids= userdata=`` records the guest and its NICs
+(:func:`manager.network.guests.add_guest_nic`) in one transaction, so the networks' routers
+get the DHCP reservation, DNS name, user data and meta-data; ``destroyVirtualMachine``
+removes the NICs, ``updateVirtualMachine userdata=`` replaces the user data, and VM views
+carry CloudStack's ``nic`` list.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
+import uuid
 from typing import Any
 
 from manager.api.dispatch import Call, Param, PType, api_command, keyword_match
@@ -23,10 +31,15 @@ from manager.api.responses import (
 from manager.consoleproxy import records
 from manager.consoleproxy.runtime import ConsoleError, ConsoleRuntime, get_runtime
 from manager.guests import GuestState
+from manager.network import store as ns
+from manager.network.guests import add_guest_nic, remove_vm_nics, set_userdata
+from manager.network.model import GuestNic, Network
+from manager.network.validate import NetError
 from manager.store.base import User
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}$")
 ROOT_ADMIN = 1
+USERDATA_MAX_CHARS = 65536  # base64 of 32 KiB (the decoded limit is checked by the network part)
 
 
 def service(call: Call) -> ConsoleRuntime:
@@ -40,7 +53,41 @@ def is_admin(user: User) -> bool:
     return user.account_type == ROOT_ADMIN
 
 
-def vm_view(g: records.GuestRecord, user: User, zones: dict[str, str]) -> dict[str, Any]:
+def nic_view(n: GuestNic, net: Network, is_default: bool) -> dict[str, Any]:
+    """CloudStack's NicResponse subset (pure)."""
+    return {
+        "id": n.id,
+        "networkid": n.network_id,
+        "networkname": net.name,
+        "ipaddress": n.ip,
+        "macaddress": n.mac,
+        "netmask": str(ipaddress.IPv4Network(net.cidr).netmask),
+        "gateway": net.gateway,
+        "isdefault": is_default,
+        "type": net.guest_type,
+        "traffictype": "Guest",
+    }
+
+
+async def nics_of(store: Any, vm_ids: set[str]) -> dict[str, list[dict[str, Any]]]:
+    """vm id → its NIC views, in the order they were added (the first is the default)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    if not vm_ids:
+        return out
+    nets = {n.id: n for n in await ns.list_networks(store)}
+    for nic in await ns.list_nics(store):
+        if nic.vm_id in vm_ids and nic.network_id in nets:
+            views = out.setdefault(nic.vm_id, [])
+            views.append(nic_view(nic, nets[nic.network_id], is_default=not views))
+    return out
+
+
+def vm_view(
+    g: records.GuestRecord,
+    user: User,
+    zones: dict[str, str],
+    nics: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """CloudStack's UserVmResponse subset (pure). No console/VNC details, ever."""
     view: dict[str, Any] = {
         "id": g.id,
@@ -56,6 +103,7 @@ def vm_view(g: records.GuestRecord, user: User, zones: dict[str, str]) -> dict[s
         "cpunumber": 1,
         "hypervisor": "KVM",
         "haenable": False,
+        "nic": list(nics or []),
     }
     return {k: v for k, v in view.items() if v is not None}
 
@@ -91,6 +139,17 @@ async def owned_guest(call: Call, vm_id: str) -> records.GuestRecord:
         Param("name", description="host name for the virtual machine", length=63),
         Param("displayname", description="an optional user generated name", length=255),
         Param("memory", PType.INTEGER, description="memory in MiB (16-1024)", min=16, max=1024),
+        Param(
+            "networkids",
+            PType.LIST,
+            item_type=PType.UUID,
+            description="guest networks the VM joins (the first is the default NIC)",
+        ),
+        Param(
+            "userdata",
+            description="base64 user data served by the network's router (at most 32 KiB decoded)",
+            length=USERDATA_MAX_CHARS,
+        ),
     ),
     is_async=True,
     response_fields=("id", "name", "displayname", "state", "zoneid", "created"),
@@ -112,20 +171,56 @@ async def deploy_virtual_machine(call: Call) -> AsyncResult:
             "Invalid value for parameter name: letters, digits and '-', at most 63 characters"
         )
     user = call.user
-    rec = await svc.deploy_guest(
-        name=name,
-        display_name=a.get("displayname") or "",
-        account_id=user.account_id,
-        zone_id=zone_id,
-        memory_mb=int(a.get("memory") or 64),
-    )
+    network_ids = list(dict.fromkeys(a.get("networkids") or []))
+    if a.get("userdata") and not network_ids:
+        raise param_error("userdata needs a network with the UserData service (networkids)")
+    for nid in network_ids:
+        net = await ns.get_network(call.ctx.store, nid)
+        if net is None or not (is_admin(user) or net.account_id == user.account_id):
+            raise param_error(f"Unable to find network with the specified networkids {nid}")
+        if net.zone_id != zone_id:
+            raise param_error(f"Network {net.name} is not in zone {zone_id}")
+    if network_ids:
+        # The guest record and its NICs in one transaction: a refused NIC (range full,
+        # bad userdata) leaves no guest behind. The routers get DHCP/DNS/userdata after
+        # the commit.
+        now = svc.clock()
+        vm_id = str(uuid.uuid4())
+        vm_name = name or f"VM-{vm_id}"
+        rec = records.GuestRecord(
+            id=vm_id,
+            name=vm_name,
+            display_name=a.get("displayname") or vm_name,
+            account_id=user.account_id,
+            zone_id=zone_id,
+            state=GuestState.STARTING,
+            memory_mb=int(a.get("memory") or 64),
+            created=now,
+            updated=now,
+        )
+        try:
+            async with call.ctx.store.transaction() as tx:
+                await records.add_guest(tx, rec)
+                for nid in network_ids:
+                    await add_guest_nic(tx, nid, vm_id, vm_name, userdata=a.get("userdata"))
+        except NetError as e:
+            raise param_error(str(e)) from None
+    else:
+        rec = await svc.deploy_guest(
+            name=name,
+            display_name=a.get("displayname") or "",
+            account_id=user.account_id,
+            zone_id=zone_id,
+            memory_mb=int(a.get("memory") or 64),
+        )
 
     async def work() -> dict[str, Any]:
         try:
             booted = await svc.boot_guest(rec)
         except ConsoleError as e:
             raise api_error(e) from e
-        return {"virtualmachine": vm_view(booted, user, zones)}
+        nics = await nics_of(call.ctx.store, {booted.id})
+        return {"virtualmachine": vm_view(booted, user, zones, nics.get(booted.id))}
 
     job = await call.jobs.submit(
         call.ctx, "deployVirtualMachine", user.account_id, work, "VirtualMachine", rec.id
@@ -148,9 +243,16 @@ def _lifecycle_command(command: str, action: str) -> Any:
                     done = await svc.stop_guest(g.id)
                 else:
                     done = await svc.destroy_guest(g.id)
+                    try:
+                        async with call.ctx.store.transaction() as tx:
+                            # Its DHCP/DNS entries, userdata and rules leave the routers.
+                            await remove_vm_nics(tx, g.id)
+                    except NetError as e:
+                        raise param_error(str(e)) from None
             except ConsoleError as e:
                 raise api_error(e) from e
-            return {"virtualmachine": vm_view(done, user, zones)}
+            nics = await nics_of(call.ctx.store, {done.id})
+            return {"virtualmachine": vm_view(done, user, zones, nics.get(done.id))}
 
         job = await call.jobs.submit(
             call.ctx, command, user.account_id, work, "VirtualMachine", g.id
@@ -202,8 +304,9 @@ async def list_virtual_machines(call: Call) -> ListResult:
     )
     zones = await _zones(call)
     ids = set(a.get("ids") or [])
+    nics = await nics_of(svc.ctx.store, {g.id for g in guests})
     out = [
-        vm_view(g, user, zones)
+        vm_view(g, user, zones, nics.get(g.id))
         for g in guests
         if g.state != GuestState.DESTROYED
         and a.get("id") in (None, g.id)
@@ -214,3 +317,39 @@ async def list_virtual_machines(call: Call) -> ListResult:
         and keyword_match(a.get("keyword"), g.name, g.display_name)
     ]
     return ListResult("virtualmachine", out)
+
+
+@api_command(
+    "updateVirtualMachine",
+    "Updates properties of a virtual machine (display name, user data)",
+    params=(
+        _ID,
+        Param("displayname", description="user generated name", length=255),
+        Param(
+            "userdata",
+            description="base64 user data (at most 32 KiB decoded); the routers of the "
+            "VM's networks serve it at once",
+            length=USERDATA_MAX_CHARS,
+        ),
+    ),
+    response_fields=("id", "name", "displayname", "state"),
+)
+async def update_virtual_machine(call: Call) -> dict[str, Any]:
+    svc = service(call)
+    g = await owned_guest(call, call.args["id"])
+    a = call.args
+    try:
+        async with call.ctx.store.transaction() as tx:
+            if a.get("displayname"):
+                await tx.execute(
+                    "UPDATE guest_vms SET display_name = ?, updated = ? WHERE id = ?",
+                    (a["displayname"], svc.clock(), g.id),
+                )
+            if "userdata" in a:
+                await set_userdata(tx, g.id, a.get("userdata") or "")
+    except NetError as e:
+        raise param_error(str(e)) from None
+    done = await records.get_guest(call.ctx.store, g.id)
+    assert done is not None
+    nics = await nics_of(call.ctx.store, {g.id})
+    return {"virtualmachine": vm_view(done, call.user, await _zones(call), nics.get(g.id))}

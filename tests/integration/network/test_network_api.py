@@ -458,3 +458,61 @@ async def test_userdata_nic_removal_and_delete_network(api: Api) -> None:
     again = await isolated(api, "net-again")
     ips = await api.call("listPublicIpAddresses", associatednetworkid=again["id"])
     assert ips["publicipaddress"][0]["ipaddress"] == "198.18.0.2"
+
+
+async def test_network_offering_change_refused_while_a_dropped_service_is_used(api: Api) -> None:
+    net = await isolated(api, "sized")
+    big = (
+        await api.call(
+            "createServiceOffering", name="router-big", displaytext="2 vCPU, 1 GiB",
+            cpunumber=2, memory=1024, issystem="true", systemvmtype="domainrouter",
+        )
+    )["serviceoffering"]  # fmt: skip
+    assert big["issystem"] is True and big["systemvmtype"] == "domainrouter"
+    listed = await api.call("listServiceOfferings", issystem="true", name="router-big")
+    assert listed["serviceoffering"][0]["memory"] == 1024
+    err = await api_error(api, "createServiceOffering", name="user-offering", memory=512)
+    assert err["errorcode"] == 431 and "domainrouter" in err["errortext"]
+    no_pf = (
+        await api.call(
+            "createNetworkOffering", name="no-pf", displaytext="no port forwarding",
+            guestiptype="Isolated", traffictype="Guest", enable="true",
+            supportedservices="Dhcp,Dns,UserData,SourceNat,StaticNat,Firewall,Lb",
+            serviceofferingid=big["id"],
+        )
+    )["networkoffering"]  # fmt: skip
+    assert no_pf["state"] == "Enabled" and no_pf["serviceofferingid"] == big["id"]
+    disabled = (
+        await api.call(
+            "createNetworkOffering", name="off", displaytext="off", guestiptype="Isolated",
+            supportedservices="Dhcp,Dns,SourceNat",
+        )
+    )["networkoffering"]  # fmt: skip
+    assert disabled["state"] == "Disabled"
+
+    vm = "66666666-6666-4666-8666-666666666666"
+    await guest(api, net["id"], vm, "web")
+    snat = (await api.call("listPublicIpAddresses", associatednetworkid=net["id"]))[
+        "publicipaddress"
+    ][0]
+    pf = await api.job(
+        "createPortForwardingRule", ipaddressid=snat["id"], protocol="tcp", publicport=2222,
+        privateport=22, virtualmachineid=vm,
+    )  # fmt: skip
+    assert pf["jobstatus"] == 1, pf
+    before = await router_config(api, net["id"])
+    err = await api_error(api, "updateNetwork", id=net["id"], networkofferingid=no_pf["id"])
+    assert err["errorcode"] == 431
+    assert "PortForwarding (1 port forwarding rule(s))" in err["errortext"], err
+    err = await api_error(api, "updateNetwork", id=net["id"], networkofferingid=disabled["id"])
+    assert err["errorcode"] == 431 and "not enabled" in err["errortext"]
+    shared = (await api.call("listNetworkOfferings", guestiptype="Shared"))["networkoffering"][0]
+    err = await api_error(api, "updateNetwork", id=net["id"], networkofferingid=shared["id"])
+    assert err["errorcode"] == 431 and "Shared" in err["errortext"]
+    # Nothing changed: same offering, same router config, same routers.
+    listed_net = (await api.call("listNetworks", id=net["id"]))["network"][0]
+    assert listed_net["networkofferingid"] != no_pf["id"]
+    assert await router_config(api, net["id"]) == before
+    # A rename is fine (no router change needed).
+    res = await api.job("updateNetwork", id=net["id"], name="renamed")
+    assert res["jobstatus"] == 1 and res["jobresult"]["network"]["name"] == "renamed"

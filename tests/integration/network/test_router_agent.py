@@ -89,6 +89,9 @@ class Env:
     helpers: list[asyncio.subprocess.Process] = field(default_factory=list)
     # (op, router, {router id: (state, applied_version)} of every router at that moment)
     events: list[tuple[str, str, dict[str, tuple[str, int]]]] = field(default_factory=list)
+    # NIC index → namespace that holds the far end of that NIC's veth (default: the
+    # router's own namespace, i.e. nothing behind the NIC)
+    peer_ns: dict[int, str] = field(default_factory=dict)
 
     @property
     def mgr_ip(self) -> str:
@@ -160,11 +163,31 @@ async def boot_agent(e: Env, vm: RouterVm, router_id: str) -> None:
     plan = await nic_plan(ctx.store, router_id)
     for i, nic in enumerate(plan):
         dev = f"eth{i}"
-        # No dummy module on this machine: a veth pair whose far end stays in the netns.
-        await vm.x("ip", "link", "add", dev, "type", "veth", "peer", "name", f"{dev}p")
+        far = e.peer_ns.get(i)
+        if far is None:
+            # No dummy module on this machine: a veth pair whose far end stays in the netns.
+            await vm.x("ip", "link", "add", dev, "type", "veth", "peer", "name", f"{dev}p")
+            await vm.x("ip", "link", "set", f"{dev}p", "up")
+        else:  # the far end in another namespace (a public client, a guest)
+            await vm.x(
+                "ip", "link", "add", dev, "type", "veth", "peer", "name", f"{dev}p", "netns", far
+            )
         await vm.x("ip", "addr", "add", nic["address"], "dev", dev)
-        await vm.x("ip", "link", "set", f"{dev}p", "up")
         await vm.x("ip", "link", "set", dev, "up")
+    await run_agent(e, vm, router_id)
+
+
+async def run_agent(e: Env, vm: RouterVm, router_id: str) -> None:
+    """Starts the agent of an already plugged router VM (again, after a reboot: it keeps
+    its state directory, so it does not enrol twice)."""
+    ctx = e.api.ctx
+    rec = await ctx.store.get_system_vm(router_id)
+    assert rec is not None
+    path = vm.tmp / "bootdata.json"
+    if path.exists():
+        await start_agent_process(vm, path)
+        e.by_router[router_id] = vm
+        return
     async with ctx.store.transaction() as tx:
         token = await issue_token(tx, rec.id, 600, time.time())
     boot = make_bootdata(
@@ -174,22 +197,25 @@ async def boot_agent(e: Env, vm: RouterVm, router_id: str) -> None:
         token=token,
         extra={"router_run_dir": str(vm.tmp / "run")},
     )
-    path = vm.tmp / "bootdata.json"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(boot, f)
+    await start_agent_process(vm, path)
+    e.by_router[router_id] = vm
+
+
+async def start_agent_process(vm: RouterVm, path: Path) -> None:
     vm.log = vm.tmp / "agent.log"
     envv = {k: v for k, v in os.environ.items() if not k.startswith(("SYSVM_", "NOTIFY_"))}
     envv |= {"PYTHONUNBUFFERED": "1", "SYSVM_AGENT_BACKOFF_BASE": "0.1"}
     entry = [str(VENV_BIN / "sysvm-agent")]  # the production entry point (uvloop)
-    with vm.log.open("wb") as logf:
+    with vm.log.open("ab") as logf:
         vm.agent = await asyncio.create_subprocess_exec(
             "ip", "netns", "exec", vm.ns, *entry,
             "--bootdata", str(path), "--state-dir", str(vm.tmp / "state"),
             stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf, env=envv,
             start_new_session=True,
         )  # fmt: skip
-    e.by_router[router_id] = vm
 
 
 class NetnsLauncher:
@@ -210,7 +236,9 @@ class NetnsLauncher:
     async def start(self, ctx: Any, vm: Any) -> None:
         await self._note("start", vm.id)
         e = self.e
-        free = [s for s in e.slots if s not in e.by_router.values()]
+        # Slot 0 only carries the manager's address: never a router, so destroying a
+        # router never takes the manager off the net.
+        free = [s for s in e.slots[1:] if s not in e.by_router.values()]
         slot = free[0] if free else await add_slot(e.prefix, e.base, e.tmp, len(e.slots))
         if slot not in e.slots:
             e.slots.append(slot)
@@ -222,7 +250,16 @@ class NetnsLauncher:
             await stop_agent(self.e.by_router[vm.id])  # planned: the agent stops its role
 
     async def reboot(self, ctx: Any, vm: Any) -> None:
-        raise AssertionError("not used here")
+        """A clean reboot: the agent stops (planned: it reports its last counters), the
+        rules (and their counters) are gone as after a real reboot, then the agent boots
+        again on the same NICs and state directory."""
+        await self._note("reboot", vm.id)
+        slot = self.e.by_router[vm.id]
+        await stop_agent(slot)
+        for table in ("filter", "nat", "mangle"):  # a new kernel starts with no rules
+            await slot.x("iptables", "-t", table, "-F")
+            await slot.x("iptables", "-t", table, "-X")
+        await run_agent(self.e, slot, vm.id)
 
     async def destroy(self, ctx: Any, vm: Any) -> None:
         await self._note("destroy", vm.id)
@@ -276,12 +313,12 @@ async def env(netns_prefix: str, tmp_path: Path) -> AsyncIterator[Env]:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(h.pid, signal.SIGKILL)
                 await h.wait()
+        if ctx is not None:  # first, while the agents can still answer the close
+            with contextlib.suppress(Exception):
+                await ctx.links.close("test over")
         for vm in e.slots if e is not None else slots:
             await stop_agent(vm)
             await remove_slot(vm)
-        if ctx is not None:
-            with contextlib.suppress(Exception):
-                await ctx.links.close("test over")
         if runner is not None:
             await runner.cleanup()
         if ctx is not None:
