@@ -28,7 +28,7 @@ import logging
 import math
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -205,9 +205,35 @@ def control_address(linklocal_cidr: str, seq: int) -> tuple[str, str]:
     return f"{vm}/{net.prefixlen}", f"{host}/{net.prefixlen}"
 
 
+PUBLIC_ROLES = (Role.CONSOLE_PROXY, Role.SECONDARY_STORAGE)  # eth1 on the public bridge
+# (SSVM storage NIC: no storage network exists yet, so none is plugged)
+
+
+def public_nic(vm: SystemVm, zone: Zone, prefix: str) -> NicSpec | None:
+    """Pure: a CPVM's/SSVM's public NIC (eth1) on the zone's public bridge, with its
+    ``public_ip`` in the zone's public range; the host holds the range's first address
+    (bridge address and the VM's default gateway). None for other roles, or without an
+    address or public range."""
+    if vm.role not in PUBLIC_ROLES or not vm.public_ip or not zone.public_cidr:
+        return None
+    net = ipaddress.ip_network(zone.public_cidr, strict=False)
+    if ipaddress.ip_address(vm.public_ip) not in net:
+        return None
+    gateway = str(net.network_address + 1)
+    return NicSpec(
+        kind="public",
+        bridge=bridge_name(prefix, zone.id, "public"),
+        address=f"{vm.public_ip}/{net.prefixlen}",
+        gateway=gateway,
+        bridge_address=f"{gateway}/{net.prefixlen}",
+        default_route=True,
+    )
+
+
 def vm_spec(
     vm: SystemVm, zone: Zone, boot: Mapping[str, Any], prefix: str, memory_mb: int = 512
 ) -> VmSpec:
+    """Pure: eth0 control (link-local), eth1 public for a CPVM/SSVM with a public IP."""
     addr, host = control_address(zone.linklocal_cidr, vm.seq)
     nics = [
         NicSpec(
@@ -217,6 +243,9 @@ def vm_spec(
             bridge_address=host,
         )
     ]
+    public = public_nic(vm, zone, prefix)
+    if public is not None:
+        nics.append(public)
     return VmSpec(
         vm_id=vm.id,
         name=vm.name,
@@ -227,13 +256,30 @@ def vm_spec(
     )
 
 
-def boot_extra(vm: SystemVm, zone: Zone) -> dict[str, Any]:
-    """Pure: role-specific boot data. A console proxy serves browsers on its control
-    address (reachable from the manager's host) until CPVMs get a public NIC; the console
-    URL names the address the proxy reports listening on."""
+def boot_extra(vm: SystemVm, zone: Zone, host_network: bool = False) -> dict[str, Any]:
+    """Pure: role-specific boot data. A console proxy serves browsers on its public IP
+    (the console URL names it); without one, on its control address (reachable from the
+    manager's host). ``host_network``: the driver plugs no NICs (the VM shares the host's
+    network, e.g. the process driver without namespaces): loopback, a free port (the
+    console URL names the address the proxy reports)."""
     if vm.role is Role.CONSOLE_PROXY:
+        if host_network:
+            return {"listen_host": "127.0.0.1", "listen_port": 0}
+        if public_nic(vm, zone, "sv") is not None:
+            return {"listen_host": vm.public_ip}
         return {"listen_host": control_address(zone.linklocal_cidr, vm.seq)[0].split("/")[0]}
     return {}
+
+
+async def _allocate_public(tx: Any, zone: Zone, vm: SystemVm) -> str:
+    """The VM's public IP from the zone's pool (shared with routers' public IPs)."""
+    from manager.network.store import allocate_system_public_ip
+    from manager.network.validate import NetError
+
+    try:
+        return await allocate_system_public_ip(tx, zone, vm.id)
+    except (NetError, ValueError) as e:
+        raise LifecycleError(f"vm {vm.name}: no public IP: {e}") from e
 
 
 def event_type(role: Role, what: str) -> str:
@@ -389,16 +435,19 @@ async def _start(ctx: ManagerContext, vm_id: str, wait_agent: float = 0.0) -> Sy
         raise LifecycleError(f"vm {vm.name}: zone {vm.zone_id} not found")
     now = ctx.clock()
     ttl = float(ctx.settings.get("sysvm.enrolment.token.ttl"))
+    host_network = not getattr(drv, "uses_netns", True)  # its NICs are not plugged
     async with ctx.store.transaction() as tx:
         token = await issue_token(tx, vm.id, ttl, now)
         details = {**dict(vm.details), "started_at": now}
         await tx.update_system_vm(vm.id, state=VmState.STARTING, details=details)
+        if vm.role in PUBLIC_ROLES and zone.public_cidr and not host_network:
+            vm = replace(vm, public_ip=await _allocate_public(tx, zone, vm))
     boot = make_bootdata(
         vm,
         manager_urls=ctx.agent_urls,
         ca_fingerprint=ctx.pki.ca_fingerprint,
         token=token,
-        extra=boot_extra(vm, zone),
+        extra=boot_extra(vm, zone, host_network),
     )
     spec = vm_spec(vm, zone, boot, _host_prefix(ctx, drv))
     try:
@@ -490,7 +539,9 @@ async def destroy_system_vm(ctx: ManagerContext, vm_id: str) -> SystemVm:
                 await _record(ctx, vm, "DESTROY", "ERROR", f"destroy failed: {e}", alert=True,
                               state=VmState.ERROR)  # fmt: skip
                 raise LifecycleError(f"vm {vm.name}: {e}") from e
-        await _record(ctx, vm, "DESTROY", "INFO", "destroyed", state=VmState.DESTROYED)
+        released: dict[str, Any] = {"public_ip": None} if vm.role in PUBLIC_ROLES else {}
+        await _record(ctx, vm, "DESTROY", "INFO", "destroyed", state=VmState.DESTROYED,
+                      **released)  # fmt: skip
         await ctx.links.revoke(vm.id, "vm destroyed")
         ops.reset_create.add((vm.zone_id, vm.role.value))
         got = await ctx.store.get_system_vm(vm_id)

@@ -559,3 +559,32 @@ async def traffic(q: Reader, network_id: str) -> dict[str, tuple[int, int]]:
         (network_id,),
     )
     return {r["public_ip"]: (r["bytes_received"], r["bytes_sent"]) for r in rows}
+
+
+# --- system VMs' public IPs ----------------------------------------------------------
+
+
+async def allocate_system_public_ip(tx: Any, zone: Any, vm_id: str) -> str:
+    """A public address of ``zone``'s range for a system VM (CPVM/SSVM), from the pool
+    routers and associateIpAddress take from (:func:`used_public_addresses`: the
+    ``public_ips`` rows and live system VMs' ``public_ip``), recorded in this transaction as
+    the VM's ``public_ip`` (the VM owns it). A VM that already holds an address of the range
+    keeps it; destroying the VM releases it (Destroyed VMs' addresses are not counted)."""
+    from manager.network.ipam import allocate_public, host_range
+
+    rows = await tx.fetchall("SELECT public_ip FROM system_vms WHERE id = ?", (vm_id,))
+    if not rows:
+        raise LookupError(f"no system vm {vm_id}")
+    current = rows[0]["public_ip"]
+    start, end = host_range(zone.public_cidr, skip_first=1)
+    if current and _ip_int(start) <= _ip_int(current) <= _ip_int(end):
+        return str(current)
+    addr = allocate_public(zone.public_cidr, await used_public_addresses(tx, zone.id))
+    await tx.update_system_vm(vm_id, public_ip=addr)
+    return addr
+
+
+def _ip_int(addr: str) -> int:
+    import ipaddress
+
+    return int(ipaddress.IPv4Address(addr))

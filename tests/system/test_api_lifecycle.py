@@ -7,6 +7,7 @@ registerTemplate. One manager is shared by every step (they build on each other)
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import os
 import signal
@@ -14,6 +15,8 @@ import socket
 import sqlite3
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -114,11 +117,30 @@ async def in_vm(home: Path, vm_id: str, *argv: str) -> str:
     return out.decode(errors="replace").strip()
 
 
-def set_zone_control_network(db: Path, cidr: str) -> None:
-    """The default zone's link-local control network, per run (parallel runs and other
-    tests' /24s must not share the default /16 on two bridges)."""
+def set_zone_networks(db: Path, control: str, public: str) -> None:
+    """The default zone's link-local control network and public range, per run (parallel
+    runs and other tests must not put one subnet on two bridges)."""
     with sqlite3.connect(db) as conn:
-        conn.execute("UPDATE zones SET linklocal_cidr = ?", (cidr,))
+        conn.execute("UPDATE zones SET linklocal_cidr = ?, public_cidr = ?", (control, public))
+
+
+def public_net() -> str:
+    """This run's public /24: CGNAT space (never 192.0.2.0/24, the host's uplink), apart
+    from the console system test's 100.96-127."""
+    pid = os.getpid()
+    return f"100.{64 + pid % 32}.{(pid // 32) % 250}.0/24"
+
+
+def http_status(url: str) -> int | None:
+    """Status of a GET straight to ``url`` (no proxy); None if nothing answers."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=5) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+    except (urllib.error.URLError, OSError):
+        return None
 
 
 @pytest.mark.parametrize("host_prefix", ["l"], indirect=True)
@@ -148,10 +170,10 @@ async def test_system_vms_through_the_api(
     try:
         await mgr.start()
         await mgr.stop()
-        set_zone_control_network(home / "sysvm.db", f"169.254.{net}.0/24")
+        set_zone_networks(home / "sysvm.db", f"169.254.{net}.0/24", public_net())
         mgr = Manager(home, mlog, argv, {**env, "SYSVM_LIFECYCLE": "on"})
         await mgr.start()
-        await _steps(mgr, home, mlog, version)
+        await _steps(mgr, home, mlog, version, ipaddress.ip_network(public_net()))
     finally:
         await mgr.stop()
         log_text = read(mlog)
@@ -165,7 +187,9 @@ async def test_system_vms_through_the_api(
     assert rep.processes == [] and rep.mounts == [], rep
 
 
-async def _steps(mgr: Manager, home: Path, mlog: Path, version: str) -> None:
+async def _steps(
+    mgr: Manager, home: Path, mlog: Path, version: str, public: ipaddress.IPv4Network
+) -> None:
     # ---- the default system template is the image built by scripts/build-image
     tpls = (await mgr.call("listTemplates", templatefilter="all", templatetype="SYSTEM"))[
         "template"
@@ -187,7 +211,21 @@ async def _steps(mgr: Manager, home: Path, mlog: Path, version: str) -> None:
         assert v["hypervisor"] == "Embedded"
         assert v["linklocalip"].startswith("169.254.")
         assert await in_vm(home, v["id"], "systemctl", "is-active", "sysvm-agent") == "active"
+        # eth1 on the zone's public bridge: an address of the zone's public range (not the
+        # gateway, which the host holds), the default route through that gateway
+        ip = ipaddress.ip_address(v["publicip"])
+        assert ip in public and ip != public.network_address + 1, v
+        addrs = await in_vm(home, v["id"], "ip", "-4", "-o", "addr", "show", "dev", "eth1")
+        assert f"{ip}/{public.prefixlen}" in addrs, addrs
+        route = await in_vm(home, v["id"], "ip", "-4", "route", "show", "default")
+        assert f"via {public.network_address + 1} dev eth1" in route, route
+    assert cp["publicip"] != ss["publicip"]
     assert "event=enrolled" in read(mlog)
+
+    # ---- the CPVM's console server listens on its public IP, reachable from the host
+    page = f"http://{cp['publicip']}/console"
+    await wait_for(lambda: asyncio.to_thread(http_status, page), 30, f"an answer from {page}")
+    assert await asyncio.to_thread(http_status, page) == 200
 
     # ---- kill the SSVM's container: the manager notices, alerts, and restarts it
     old_leader = leader_of(home, ss["id"])
@@ -271,6 +309,10 @@ async def _steps(mgr: Manager, home: Path, mlog: Path, version: str) -> None:
     assert new_cp["templateid"] == custom["id"]
     assert [v["templateid"] for v in await mgr.vms(id=ss["id"])] == [builtin["Embedded"]["id"]]
     assert [v["state"] for v in await mgr.vms(id=cp["id"])] == ["Destroyed"]
+    # a destroyed VM gives its public IP back; the new one has one of the range
+    assert [v.get("publicip") for v in await mgr.vms(id=cp["id"])] == [None]
+    assert ipaddress.ip_address(new_cp["publicip"]) in public
+    assert new_cp["publicip"] != ss["publicip"]
     with pytest.raises(CloudStackApiException) as bad:
         await mgr.call("startSystemVm", id=cp["id"])
     assert bad.value.error["errorcode"] == 431
