@@ -1,6 +1,7 @@
 """Counters and gauges rendered as Prometheus text (``GET /metrics`` on the API listener).
 
-Cheap on the hot path: ``inc`` is one dict update keyed by (name, sorted labels). Names are
+Cheap on the hot path: ``inc`` is one dict update keyed by (name, sorted labels); per-frame
+counters take their series' :class:`Cell` once (:meth:`Metrics.counter`) and add to it. Names are
 registered with help text in :data:`HELP`; an unregistered name still renders (as untyped) so
 a typo shows up instead of vanishing. Event-loop lag is sampled by :class:`LoopLagMonitor`.
 """
@@ -49,29 +50,63 @@ def _fmt(v: float) -> str:
     return repr(v)
 
 
+class Cell:
+    """One series' value. Hot paths keep a cell (:meth:`Metrics.counter`) and add to
+    ``value`` directly: no label sorting, no dict lookups per event."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: float = 0.0) -> None:
+        self.value = value
+
+
 class Metrics:
     def __init__(self) -> None:
-        self._values: dict[str, dict[LabelKey, float]] = {}
+        self._values: dict[str, dict[LabelKey, Cell]] = {}
 
-    def inc(self, name: str, by: float = 1, **labels: str) -> None:
+    def counter(self, name: str, **labels: str) -> Cell:
+        """The cell of one series (created at 0): ``cell.value += 1`` is the cheapest
+        increment there is. ``inc``/``set``/``get`` of the same series use the same cell."""
         series = self._values.setdefault(name, {})
         key = tuple(sorted(labels.items())) if labels else ()
-        series[key] = series.get(key, 0.0) + by
+        cell = series.get(key)
+        if cell is None:
+            cell = series[key] = Cell()
+        return cell
+
+    def inc(self, name: str, by: float = 1, **labels: str) -> None:
+        series = self._values.get(name)
+        if series is None:
+            series = self._values[name] = {}
+        key = tuple(sorted(labels.items())) if labels else ()
+        cell = series.get(key)
+        if cell is None:
+            series[key] = Cell(float(by))
+        else:
+            cell.value += by
 
     def set(self, name: str, value: float, **labels: str) -> None:
         series = self._values.setdefault(name, {})
         key = tuple(sorted(labels.items())) if labels else ()
-        series[key] = float(value)
+        cell = series.get(key)
+        if cell is None:
+            series[key] = Cell(float(value))
+        else:
+            cell.value = float(value)
 
     def get(self, name: str, **labels: str) -> float:
         key = tuple(sorted(labels.items())) if labels else ()
-        return self._values.get(name, {}).get(key, 0.0)
+        cell = self._values.get(name, {}).get(key)
+        return 0.0 if cell is None else float(cell.value)
 
     def total(self, name: str) -> float:
-        return sum(self._values.get(name, {}).values())
+        return float(sum(c.value for c in self._values.get(name, {}).values()))
 
     def render(self) -> str:
-        return render(self._values.items())
+        return render(
+            (name, {k: float(c.value) for k, c in series.items()})
+            for name, series in self._values.items()
+        )
 
 
 def render(items: Iterable[tuple[str, dict[LabelKey, float]]]) -> str:

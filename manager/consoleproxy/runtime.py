@@ -653,7 +653,7 @@ class ConsoleRuntime:
                     await self.undrain(vm.id)
             views = [p for _, p in pairs]
             plan = scale.plan_capacity(
-                views,
+                [self._plannable(vm, p) for vm, p in pairs],
                 now=self.clock(),
                 session_max=int(self._setting("consoleproxy.session.max", zone.id)),
                 standby=int(self._setting("consoleproxy.capacity.standby", zone.id)),
@@ -673,6 +673,16 @@ class ConsoleRuntime:
                 await self._apply(zone.id, plan, live=scale_live(views))
         await self._purge_tokens()
         return plans
+
+    def _plannable(self, vm: SystemVm, view: ProxyLoad) -> ProxyLoad:
+        """The planner's view of a proxy: one the lifecycle cannot stop (an ``External``
+        VM, someone else boots and stops those) never counts as idle, so the scaler does
+        not drain it and then fail to stop it on every scan (with 10,000 such proxies that
+        was a drain transaction and a stop attempt per proxy per scan)."""
+        can_stop = getattr(self.lifecycle, "can_stop", None)
+        if view.idle_since is None or can_stop is None or can_stop(vm):
+            return view
+        return replace(view, idle_since=None)
 
     def _may_start(self, zone_id: str) -> bool:
         """After a failed start, wait ``START_RETRY`` seconds before trying again (no start
@@ -772,6 +782,11 @@ class HypervisorLifecycle:
             raise LifecycleUnavailable(f"no driver for hypervisor {hypervisor}")
         vm = await create(self.ctx, zone_id, Role.CONSOLE_PROXY, hypervisor)
         return str(vm.id)
+
+    def can_stop(self, vm: SystemVm) -> bool:
+        """Whether :meth:`stop_proxy` can stop this proxy (a driver for its hypervisor,
+        which is not ``External``)."""
+        return vm.hypervisor != "External" and vm.hypervisor in getattr(self.ctx, "hypervisors", {})
 
     async def stop_proxy(self, vm_id: str) -> None:
         stop = self._fn("stop_system_vm")

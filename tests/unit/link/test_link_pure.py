@@ -405,3 +405,30 @@ def test_roles_load_and_secondarystorage_validation(tmp_path: Path) -> None:
     with pytest.raises(ApplyError) as ei:
         validate({"settings": []})
     assert "settings" in ei.value.reason
+
+
+def test_gc_freeze_decision() -> None:
+    from manager.agentlink import GC_FREEZE_MIN_NEW, GC_FREEZE_SETTLE, freeze_decision
+
+    settled = GC_FREEZE_SETTLE
+    # a settled burst of new sessions is frozen; an unsettled one or a small one is not
+    assert (
+        freeze_decision(live=GC_FREEZE_MIN_NEW, frozen=0, closed_since=0, quiet_for=settled)
+        == "freeze"
+    )
+    assert (
+        freeze_decision(live=GC_FREEZE_MIN_NEW, frozen=0, closed_since=0, quiet_for=settled - 1)
+        is None
+    )
+    assert (
+        freeze_decision(live=GC_FREEZE_MIN_NEW - 1, frozen=0, closed_since=0, quiet_for=settled)
+        is None
+    )
+    # no refreeze before a full collection swept the closed sessions' garbage
+    assert (
+        freeze_decision(live=5000, frozen=0, closed_since=0, quiet_for=settled, swept=False) is None
+    )
+    # many frozen sessions closed: unfreeze so their cycles can be collected
+    assert freeze_decision(live=8000, frozen=10000, closed_since=1001, quiet_for=0) == "unfreeze"
+    assert freeze_decision(live=9900, frozen=10000, closed_since=100, quiet_for=settled) is None
+    assert freeze_decision(live=500, frozen=500, closed_since=101, quiet_for=0) == "unfreeze"
