@@ -1,15 +1,66 @@
-"""Helpers shared by the system tests (polling with a timeout, boot data)."""
+"""Helpers shared by the system tests (polling with a timeout, boot data, a real manager
+process and the boot data it issues)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import socket
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 TIMING_FACTOR = float(os.environ.get("SYSVM_TEST_TIMING", "1"))
+BIN = Path(sys.executable).parent
+
+
+def free_port_any() -> int:
+    """A free TCP port on all addresses (the agent endpoint listens on 0.0.0.0)."""
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        return int(s.getsockname()[1])
+
+
+def read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def manager_argv(home: Path, api_port: int, agent_port: int) -> list[str]:
+    return [str(BIN / "sysvm-manager"), "--home", str(home), "--api-listen",
+            f"127.0.0.1:{api_port}", "--agent-listen", f"0.0.0.0:{agent_port}"]  # fmt: skip
+
+
+async def start_manager(
+    argv: list[str], log: Path, env: dict[str, str]
+) -> asyncio.subprocess.Process:
+    """A real ``sysvm-manager`` with its output appended to ``log``."""
+    with log.open("ab") as f:
+        return await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=f, stderr=f, env=env
+        )
+
+
+async def external_bootdata(
+    argv: list[str], role: str, out: Path, env: dict[str, str]
+) -> dict[str, Any]:
+    """One VM record on the External hypervisor and its boot data, from the manager's own
+    ``create-external-vms`` (same home and agent listener as ``argv``)."""
+    gen = await asyncio.create_subprocess_exec(
+        *argv[:3], *argv[-2:],
+        "create-external-vms", "--role", role, "--count", "1", "--out", str(out),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(gen.communicate(), 60)
+    assert gen.returncode == 0, err.decode()[-2000:]
+    boot: dict[str, Any] = json.loads(out.read_text().splitlines()[0])
+    return boot
 
 
 async def wait_for(

@@ -5,33 +5,23 @@ the VM's control NIC (link-local bridge), then receiving and acknowledging its c
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import socket
-import sys
 from pathlib import Path
 
 import pytest
 
 from manager.hypervisor.base import NicSpec, PowerState, VmSpec, bridge_name
 from manager.hypervisor.nspawn import NspawnDriver
-from tests.system.helpers import wait_for
+from tests.system.helpers import (
+    external_bootdata,
+    free_port_any,
+    manager_argv,
+    read,
+    start_manager,
+    wait_for,
+)
 
 pytestmark = pytest.mark.system
-BIN = Path(sys.executable).parent
-
-
-def free_port_any() -> int:
-    with socket.socket() as s:
-        s.bind(("0.0.0.0", 0))
-        return int(s.getsockname()[1])
-
-
-def read(path: Path) -> str:
-    try:
-        return path.read_text(errors="replace")
-    except FileNotFoundError:
-        return ""
 
 
 @pytest.mark.parametrize("host_prefix", ["e"], indirect=True)
@@ -48,25 +38,14 @@ async def test_agent_in_nspawn_vm_enrols_with_real_manager(
         "SYSVM_LOG_LEVEL": "INFO",
     }
     mlog = tmp_path / "manager.log"
-    argv = [str(BIN / "sysvm-manager"), "--home", str(home), "--api-listen",
-            f"127.0.0.1:{api_port}", "--agent-listen", f"0.0.0.0:{agent_port}"]  # fmt: skip
-    with mlog.open("ab") as f:
-        mgr = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=f, stderr=f, env=env
-        )
+    argv = manager_argv(home, api_port, agent_port)
+    mgr = await start_manager(argv, mlog, env)
     driver = NspawnDriver(tmp_path / "vms", host_prefix, image_dir=sysvm_image)
     vm_id = ""
     try:
         await wait_for(lambda: "event=manager_ready" in read(mlog), 30, "manager ready")
         out = tmp_path / "boot.jsonl"
-        gen = await asyncio.create_subprocess_exec(
-            *argv[:3], "--agent-listen", f"0.0.0.0:{agent_port}",
-            "create-external-vms", "--role", "secondarystorage", "--count", "1", "--out", str(out),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
-        )  # fmt: skip
-        _, err = await asyncio.wait_for(gen.communicate(), 60)
-        assert gen.returncode == 0, err.decode()[-2000:]
-        boot = json.loads(out.read_text().splitlines()[0])
+        boot = await external_bootdata(argv, "secondarystorage", out, env)
         vm_id = boot["vm_id"]
         assert boot["manager_urls"] == [f"wss://{host_ip}:{agent_port}"]
 

@@ -23,8 +23,6 @@ import asyncio
 import json
 import os
 import secrets
-import socket
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,12 +34,19 @@ from playwright.async_api import Browser, Page
 from manager.hypervisor.base import NicSpec, PowerState, VmSpec, bridge_name
 from manager.hypervisor.nspawn import NspawnDriver
 from tests.integration.console.test_browser import browser
-from tests.system.helpers import TIMING_FACTOR, wait_for
+from tests.system.helpers import (
+    TIMING_FACTOR,
+    external_bootdata,
+    free_port_any,
+    manager_argv,
+    read,
+    start_manager,
+    wait_for,
+)
 
 __all__ = ["browser"]  # the Chromium fixture of the integration console tests
 
 pytestmark = pytest.mark.system
-BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[3]
 ARTIFACTS = REPO / "test-artifacts"
 
@@ -62,19 +67,6 @@ _WS_FROM_PAGE_JS = """(url) => new Promise((resolve) => {
   ws.onopen = () => { clearTimeout(t); ws.close(); resolve('open'); };
   ws.onclose = (e) => { clearTimeout(t); resolve('closed:' + e.code); };
 })"""
-
-
-def free_port_any() -> int:
-    with socket.socket() as s:
-        s.bind(("0.0.0.0", 0))
-        return int(s.getsockname()[1])
-
-
-def read(path: Path) -> str:
-    try:
-        return path.read_text(errors="replace")
-    except FileNotFoundError:
-        return ""
 
 
 def guest_qemu_pids(name: str) -> list[int]:
@@ -145,12 +137,8 @@ async def test_console_on_booted_cpvm(
     }
     env.pop("SYSVM_GUEST_VNC_HOST", None)
     mlog = tmp_path / "manager.log"
-    argv = [str(BIN / "sysvm-manager"), "--home", str(home), "--api-listen",
-            f"127.0.0.1:{api_port}", "--agent-listen", f"0.0.0.0:{agent_port}"]  # fmt: skip
-    with mlog.open("ab") as f:
-        mgr = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=f, stderr=f, env=env
-        )
+    argv = manager_argv(home, api_port, agent_port)
+    mgr = await start_manager(argv, mlog, env)
     driver = NspawnDriver(tmp_path / "vms", host_prefix, image_dir=sysvm_image)
     vm_id = ""
     try:
@@ -161,14 +149,7 @@ async def test_console_on_booted_cpvm(
 
         # --- the CPVM: record + boot data from the manager, booted by the nspawn driver
         out = tmp_path / "boot.jsonl"
-        gen = await asyncio.create_subprocess_exec(
-            *argv[:3], "--agent-listen", f"0.0.0.0:{agent_port}",
-            "create-external-vms", "--role", "consoleproxy", "--count", "1", "--out", str(out),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
-        )  # fmt: skip
-        _, err = await asyncio.wait_for(gen.communicate(), 60)
-        assert gen.returncode == 0, err.decode()[-2000:]
-        boot = json.loads(out.read_text().splitlines()[0])
+        boot = await external_bootdata(argv, "consoleproxy", out, env)
         vm_id = boot["vm_id"]
         boot["extra"] = {**(boot.get("extra") or {}), "listen_host": cpvm_public}
         zone = boot["zone_id"]
