@@ -3,6 +3,11 @@
 Thin async wrappers over ``ip`` (argv lists, every call under a timeout, failures raise
 :class:`PlumbError` with argv, exit code and stderr tail). Idempotent where a retry is
 likely: ``ensure_bridge`` on an existing bridge, ``delete_link`` of a missing link.
+
+Bridges that come and go with their users (per-network guest bridges) are guarded by
+:func:`bridge_lock`: whoever plugs a port into one holds it from ``ensure_bridge`` until the
+port is enslaved, and :func:`delete_bridge_if_unused` holds it while it looks and deletes,
+so a bridge is never removed under a VM that is being plugged into it.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import asyncio
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +84,42 @@ async def ensure_bridge(name: str, address: str | None = None) -> None:
     if address:
         await run(["ip", "addr", "replace", address, "dev", name])
     await run(["ip", "link", "set", "dev", name, "up"])
+
+
+_BRIDGE_LOCKS: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Lock]] = {}
+
+
+def bridge_lock(name: str) -> asyncio.Lock:
+    """The lock of bridge ``name`` in this process (one per event loop)."""
+    loop = asyncio.get_running_loop()
+    entry = _BRIDGE_LOCKS.get(name)
+    if entry is None or entry[0] is not loop:
+        entry = (loop, asyncio.Lock())
+        _BRIDGE_LOCKS[name] = entry
+    return entry[1]
+
+
+async def bridge_ports(name: str) -> list[str]:
+    """Names of the links enslaved to bridge ``name`` ([] if there is no such bridge)."""
+    if not await link_exists(name):
+        return []
+    out = await run(["ip", "-j", "link", "show", "master", name])
+    return [str(x.get("ifname", "")) for x in json.loads(out or "[]")]
+
+
+async def delete_bridge_if_unused(name: str, is_user: Callable[[str], bool]) -> bool:
+    """Deletes bridge ``name`` when none of its ports satisfies ``is_user`` (other ports are
+    released from it). Returns whether it was deleted. Holds :func:`bridge_lock`."""
+    async with bridge_lock(name):
+        if not await link_exists(name):
+            return False
+        users = [p for p in await bridge_ports(name) if is_user(p)]
+        if users:
+            log.info("event=bridge_kept bridge=%s ports=%s", name, ",".join(users))
+            return False
+        await delete_link(name)
+        log.info("event=bridge_removed bridge=%s", name)
+        return True
 
 
 async def delete_link(name: str, netns: str | None = None) -> None:

@@ -13,8 +13,8 @@ A :class:`Driver` boots system VMs from a :class:`VmSpec`. Drivers:
 Every host object a driver creates carries the driver's *prefix* (<= 7 characters) so that
 :func:`manager.hypervisor.cleanup.cleanup_all` can find and remove it:
 network namespaces ``<prefix>-<vm6>``, veth ``<prefix>v<vm6><i>``, taps
-``<prefix>t<vm6><i>``, bridges ``<prefix>b<zone4><kind>``, nspawn machines and QEMU
-``-name`` ``<prefix>-<vm6>``.
+``<prefix>t<vm6><i>``, zone bridges ``<prefix>b<zone4><kind>``, per-network guest bridges
+``<prefix>g<net6>b``, nspawn machines and QEMU ``-name`` ``<prefix>-<vm6>``.
 
 Errors: every failure a caller can act on is a :class:`DriverError` whose message names
 the VM and what failed; the manager logs it, raises an alert and keeps serving.
@@ -152,6 +152,21 @@ def bridge_name(prefix: str, zone_id: str, kind: str) -> str:
     if kind not in NIC_KINDS:
         raise DriverError(f"unknown NIC kind {kind!r} (one of {', '.join(NIC_KINDS)})")
     return _ifname(prefix, "b", short_id(zone_id, 4), kind[0])
+
+
+def guest_bridge_name(prefix: str, network_id: str) -> str:
+    """The bridge of one guest network: its router's guest NIC and its guests plug into it;
+    the host holds no address on it (the router is the guests' gateway)."""
+    return _ifname(prefix, "g", short_id(network_id, 6), "b")
+
+
+def is_guest_bridge(prefix: str, ifname: str) -> bool:
+    return re.fullmatch(rf"{re.escape(prefix)}g[0-9a-f]{{6}}b", ifname) is not None
+
+
+def is_vm_port(prefix: str, ifname: str) -> bool:
+    """A VM's NIC on the host (veth of a namespace, QEMU tap) made under ``prefix``."""
+    return re.fullmatch(rf"{re.escape(prefix)}[vt][0-9a-f]{{6}}\d", ifname) is not None
 
 
 def _ifname(prefix: str, tag: str, ident: str, index: int | str) -> str:

@@ -39,8 +39,12 @@ class CleanupReport:
 
 
 def owned_link(prefix: str, ifname: str) -> bool:
+    """VM ports (veth/tap), zone bridges and per-network guest bridges of ``prefix``."""
     return (
-        re.fullmatch(rf"{re.escape(prefix)}(?:[vt][0-9a-f]{{6}}\d|b[0-9a-f]{{4}}[cpgs])", ifname)
+        re.fullmatch(
+            rf"{re.escape(prefix)}(?:[vt][0-9a-f]{{6}}\d|b[0-9a-f]{{4}}[cpgs]|g[0-9a-f]{{6}}b)",
+            ifname,
+        )
         is not None
     )
 

@@ -10,6 +10,15 @@ them directly) as children of the manager: the driver waits on them (one tracked
 VM) and :meth:`HostDriver.close` stops them cleanly. VMs left by a manager that died are
 found through ``run.json`` by polling ``/proc`` (pid alive, not a zombie, same start time)
 and can be stopped/destroyed; :func:`manager.hypervisor.cleanup.cleanup_all` removes them.
+
+NICs: every boot (start, and the boot again after a reboot from inside the VM) gets a
+*fresh* network namespace with freshly made veths, as a real VM's new kernel has a fresh
+network stack: addresses beyond the boot data's, routes, iptables rules, conntrack entries
+and sysctls of a previous boot are gone, and only what the VM puts back itself (the router
+re-applying its last config) is there. A stopped VM holds no NIC on the host (its veths and
+namespace are removed when it stops). Bridges are made when a NIC needs them; zone bridges
+stay, a per-network guest bridge (``<prefix>g<net6>b``) is removed when a VM that used it is
+destroyed and no VM port (``<prefix>v…``/``<prefix>t…``) is left on it.
 """
 
 from __future__ import annotations
@@ -37,8 +46,11 @@ from manager.hypervisor.base import (
     VmSpec,
     boot_data_for,
     check_prefix,
+    is_guest_bridge,
+    is_vm_port,
     mac_for,
     netns_name,
+    short_id,
     validate_spec,
     veth_name,
 )
@@ -157,6 +169,7 @@ class HostDriver(Driver):
         self._procs: dict[str, asyncio.subprocess.Process] = {}
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._stopping: set[str] = set()
+        self._rebooting: set[str] = set()  # exited for a reboot from inside, booting again
 
     # ------------------------------------------------------------ driver hooks
 
@@ -258,7 +271,22 @@ class HostDriver(Driver):
                 "event=vm_start_undo_failed driver=%s vm=%s error=%s", self.name, spec.vm_id, e
             )
 
+    async def _kill_orphans(self, vm_id: str) -> None:
+        """A VM whose hypervisor process died may leave its guest running (nspawn killed by
+        SIGKILL leaves the container's PID 1 alive): killed before the VM is stopped or
+        booted again, never two guests on one disk."""
+        run = self._read_run(vm_id)
+        for key in ("leader",):
+            pid = run.get(key)
+            if isinstance(pid, int) and alive(pid, run.get(f"{key}_start")):
+                log.warning("event=vm_orphan_killed driver=%s vm=%s pid=%d", self.name, vm_id, pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                if not await wait_gone(pid, run.get(f"{key}_start"), 10):
+                    raise DriverError(f"vm {vm_id}: orphaned guest pid {pid} survived SIGKILL")
+
     async def _start_locked(self, spec: VmSpec, vmdir: Path) -> None:
+        await self._kill_orphans(spec.vm_id)
         await self._plumb(spec)
         await self._prepare(spec, vmdir)
         proc = await self._launch(spec, vmdir)
@@ -284,24 +312,32 @@ class HostDriver(Driver):
             "event=vm_exited driver=%s vm=%s rc=%s requested=%s", self.name, vm_id, rc, requested
         )
         if not requested and self._exit_means_reboot(rc):
-            # the guest rebooted itself: boot it again, as a hypervisor would
-            async with self._lock(vm_id):
-                if (
-                    self._procs.get(vm_id) is None
-                    and not (self.vmdir(vm_id) / "stop-requested").exists()
-                ):
-                    spec = self._load_spec(vm_id)
-                    await self._cleanup_stopped(vm_id, self.vmdir(vm_id))
-                    try:
-                        await self._relaunch(spec)
-                    except (DriverError, netplumb.PlumbError, OSError) as e:
-                        log.error(
-                            "event=vm_reboot_failed driver=%s vm=%s error=%s", self.name, vm_id, e
-                        )
+            # the guest rebooted itself: boot it again, as a hypervisor would (state() says
+            # running meanwhile: the VM is rebooting, not dead)
+            self._rebooting.add(vm_id)
+            try:
+                async with self._lock(vm_id):
+                    if (
+                        self._procs.get(vm_id) is None
+                        and vm_id not in self._stopping
+                        and not (self.vmdir(vm_id) / "stop-requested").exists()
+                    ):
+                        await self._reboot_from_inside(vm_id)
+            finally:
+                self._rebooting.discard(vm_id)
+
+    async def _reboot_from_inside(self, vm_id: str) -> None:
+        try:
+            spec = self._load_spec(vm_id)
+            await self._cleanup_stopped(vm_id, self.vmdir(vm_id))
+            await self._relaunch(spec)
+        except (DriverError, netplumb.PlumbError, OSError) as e:
+            log.error("event=vm_reboot_failed driver=%s vm=%s error=%s", self.name, vm_id, e)
 
     async def _relaunch(self, spec: VmSpec) -> None:
         vmdir = self.vmdir(spec.vm_id)
         # called from the watcher: a new watcher replaces this one, which then ends
+        await self._plumb(spec)  # a new kernel: a fresh network stack, same NICs (MACs)
         await self._prepare(spec, vmdir)
         proc = await self._launch(spec, vmdir)
         run: dict[str, Any] = {"pid": proc.pid, "pid_start": proc_start_time(proc.pid)}
@@ -314,29 +350,50 @@ class HostDriver(Driver):
         log.info("event=vm_rebooted driver=%s vm=%s", self.name, spec.vm_id)
 
     async def _plumb(self, spec: VmSpec) -> None:
+        """A fresh namespace (whatever a previous boot left in one is dropped) with one
+        veth per NIC on its bridge, addresses and default route from the spec."""
         if not self.uses_netns:
             return
         ns = netns_name(self.prefix, spec.vm_id)
+        await self._unplumb(spec.vm_id, len(spec.nics))
         await netplumb.create_netns(ns)
         for i, nic in enumerate(spec.nics):
-            await netplumb.ensure_bridge(nic.bridge, nic.bridge_address)
-            await netplumb.add_veth_into_netns(
-                host_name=veth_name(self.prefix, spec.vm_id, i),
-                netns=ns,
-                inner_name=f"eth{i}",
-                bridge=nic.bridge,
-                mac=nic.mac or mac_for(spec.vm_id, i),
-                address=nic.address,
-            )
+            async with netplumb.bridge_lock(nic.bridge):  # not removed while we plug in
+                await netplumb.ensure_bridge(nic.bridge, nic.bridge_address)
+                await netplumb.add_veth_into_netns(
+                    host_name=veth_name(self.prefix, spec.vm_id, i),
+                    netns=ns,
+                    inner_name=f"eth{i}",
+                    bridge=nic.bridge,
+                    mac=nic.mac or mac_for(spec.vm_id, i),
+                    address=nic.address,
+                )
             if nic.default_route and nic.gateway:
                 await netplumb.add_default_route(ns, nic.gateway, f"eth{i}")
 
     async def _unplumb(self, vm_id: str, nics: int) -> None:
+        """Removes the VM's veths (host side first: deleting a veth end removes the pair at
+        once, while a namespace is torn down in the background) and its namespace."""
         if not self.uses_netns:
             return
-        for i in range(nics):
-            await netplumb.delete_link(veth_name(self.prefix, vm_id, i))
+        mine = f"{self.prefix}v{short_id(vm_id)}"
+        for link in await netplumb.list_links(mine):
+            await netplumb.delete_link(str(link["ifname"]))
         await netplumb.delete_netns(netns_name(self.prefix, vm_id))
+
+    async def _release_bridges(self, spec: VmSpec | None) -> None:
+        """After a destroy: the VM's guest bridges go when no VM port is left on them."""
+        for nic in spec.nics if spec is not None else ():
+            if is_guest_bridge(self.prefix, nic.bridge):
+                await netplumb.delete_bridge_if_unused(
+                    nic.bridge, lambda port: is_vm_port(self.prefix, port)
+                )
+
+    def _nic_count(self, vm_id: str) -> int:
+        try:
+            return len(self._load_spec(vm_id).nics)
+        except (DriverError, ValueError, TypeError):
+            return 10
 
     async def stop(self, vm_id: str, timeout: float = 30.0) -> None:  # noqa: ASYNC109
         async with self._lock(vm_id):
@@ -353,6 +410,8 @@ class HostDriver(Driver):
         run = self._running(vm_id)
         t0 = time.monotonic()
         forced = False
+        if run is None:
+            await self._kill_orphans(vm_id)
         if run is not None:
             pid = int(run["pid"])
             if timeout > 0:
@@ -377,6 +436,7 @@ class HostDriver(Driver):
                 await watcher
         await self._cleanup_stopped(vm_id, vmdir)
         (vmdir / "run.json").unlink(missing_ok=True)
+        await self._unplumb(vm_id, self._nic_count(vm_id))  # a stopped VM holds no NIC
         if run is not None:
             log.info(
                 "event=vm_stopped driver=%s vm=%s forced=%s seconds=%.2f",
@@ -405,11 +465,12 @@ class HostDriver(Driver):
             if not vmdir.exists():
                 return
             try:
-                nics = len(self._load_spec(vm_id).nics)
-            except DriverError:
-                nics = 10
+                spec: VmSpec | None = self._load_spec(vm_id)
+            except (DriverError, ValueError, TypeError):
+                spec = None
             await self._stop_locked(vm_id, 0, requested=True)
-            await self._unplumb(vm_id, nics)
+            await self._unplumb(vm_id, len(spec.nics) if spec is not None else 10)
+            await self._release_bridges(spec)
             await self._destroy_disk(vm_id, vmdir)
             shutil.rmtree(vmdir, ignore_errors=True)
             log.info("event=vm_destroyed driver=%s vm=%s", self.name, vm_id)
@@ -419,6 +480,16 @@ class HostDriver(Driver):
         vmdir = self.vmdir(vm_id)
         if not (vmdir / "spec.json").exists():
             return PowerState.ABSENT
+        if vm_id in self._rebooting:
+            return PowerState.RUNNING  # rebooting itself: booted again by the watcher
+        proc = self._procs.get(vm_id)
+        if (
+            proc is not None
+            and vm_id not in self._stopping
+            and proc.returncode is not None
+            and self._exit_means_reboot(proc.returncode)
+        ):
+            return PowerState.RUNNING  # exited for a reboot; its watcher has not run yet
         if self._running(vm_id) is not None:
             return PowerState.RUNNING
         if (vmdir / "stop-requested").exists() or not (vmdir / "run.json").exists():

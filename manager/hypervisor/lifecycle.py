@@ -33,12 +33,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from manager.hypervisor.base import (
+    NIC_KINDS,
     Driver,
     DriverError,
     NicSpec,
     PowerState,
     VmSpec,
     bridge_name,
+    guest_bridge_name,
 )
 from manager.store.base import Alert, Event, Role, SystemVm, VmState, Zone
 
@@ -230,22 +232,93 @@ def public_nic(vm: SystemVm, zone: Zone, prefix: str) -> NicSpec | None:
     )
 
 
-def vm_spec(
-    vm: SystemVm, zone: Zone, boot: Mapping[str, Any], prefix: str, memory_mb: int = 512
-) -> VmSpec:
-    """Pure: eth0 control (link-local), eth1 public for a CPVM/SSVM with a public IP."""
-    addr, host = control_address(zone.linklocal_cidr, vm.seq)
-    nics = [
-        NicSpec(
-            kind="control",
-            bridge=bridge_name(prefix, zone.id, "control"),
-            address=addr,
-            bridge_address=host,
+DEFAULT_MEMORY_MB = 512
+DEFAULT_CPUS = 1
+
+
+def router_nics(plan: Sequence[Mapping[str, Any]], zone: Zone, prefix: str) -> tuple[NicSpec, ...]:
+    """Pure: a router's NICs from its NIC plan (``manager.network.routers.nic_plan``: entry
+    ``i`` is device ``eth{i}``, whatever its kind). Control and public NICs go on the zone's
+    bridges, where the host holds the control network's first address and the public
+    gateway (as for CPVMs/SSVMs); a guest NIC goes on its network's own bridge
+    (:func:`~manager.hypervisor.base.guest_bridge_name`), where the host holds no address:
+    guests plug into it and the router is their gateway. Raises DriverError for a plan the
+    hypervisor cannot plug."""
+    nics: list[NicSpec] = []
+    for i, entry in enumerate(plan):
+        kind = str(entry.get("kind") or "")
+        where = f"router NIC eth{i} ({kind or '?'})"
+        raw = entry.get("address")
+        try:
+            iface = ipaddress.ip_interface(str(raw)) if raw else None
+        except ValueError:
+            raise DriverError(f"{where}: address {raw!r} is not ADDR/PREFIX") from None
+        gateway = str(entry["gateway"]) if entry.get("gateway") else None
+        bridge_address: str | None = None
+        if kind == "guest":
+            network_id = entry.get("network_id")
+            if not network_id:
+                raise DriverError(f"{where}: no network_id for its bridge")
+            bridge = guest_bridge_name(prefix, str(network_id))
+        elif kind == "control":
+            bridge = bridge_name(prefix, zone.id, "control")
+            bridge_address = control_address(zone.linklocal_cidr, 0)[1]
+        elif kind == "public":
+            bridge = bridge_name(prefix, zone.id, "public")
+            if gateway is not None and iface is not None:
+                bridge_address = f"{gateway}/{iface.network.prefixlen}"
+        elif kind in NIC_KINDS:
+            bridge = bridge_name(prefix, zone.id, kind)
+        else:
+            raise DriverError(f"{where}: unknown NIC kind (one of {', '.join(NIC_KINDS)})")
+        nics.append(
+            NicSpec(
+                kind=kind,
+                bridge=bridge,
+                address=str(iface) if iface is not None else None,
+                gateway=gateway,
+                bridge_address=bridge_address,
+                default_route=bool(entry.get("default_route")),
+            )
         )
-    ]
-    public = public_nic(vm, zone, prefix)
-    if public is not None:
-        nics.append(public)
+    return tuple(nics)
+
+
+def router_sizing(offerings: Sequence[Any], offering_id: str | None) -> tuple[int, int]:
+    """Pure: (memory MiB, CPUs) of a router from its service offering (rows with ``id``,
+    ``memory_mb``, ``cpu_number``); the defaults without one."""
+    for o in offerings:
+        if offering_id is not None and o.id == offering_id:
+            return max(64, int(o.memory_mb)), max(1, int(o.cpu_number))
+    return DEFAULT_MEMORY_MB, DEFAULT_CPUS
+
+
+def vm_spec(
+    vm: SystemVm,
+    zone: Zone,
+    boot: Mapping[str, Any],
+    prefix: str,
+    memory_mb: int = DEFAULT_MEMORY_MB,
+    cpus: int = DEFAULT_CPUS,
+    nic_plan: Sequence[Mapping[str, Any]] | None = None,
+) -> VmSpec:
+    """Pure: eth0 control (link-local), eth1 public for a CPVM/SSVM with a public IP; with a
+    ``nic_plan`` (routers), exactly the NICs it lists (:func:`router_nics`)."""
+    if nic_plan is not None:
+        nics = list(router_nics(nic_plan, zone, prefix))
+    else:
+        addr, host = control_address(zone.linklocal_cidr, vm.seq)
+        nics = [
+            NicSpec(
+                kind="control",
+                bridge=bridge_name(prefix, zone.id, "control"),
+                address=addr,
+                bridge_address=host,
+            )
+        ]
+        public = public_nic(vm, zone, prefix)
+        if public is not None:
+            nics.append(public)
     return VmSpec(
         vm_id=vm.id,
         name=vm.name,
@@ -253,6 +326,7 @@ def vm_spec(
         boot_data=boot,
         nics=tuple(nics),
         memory_mb=memory_mb,
+        cpus=cpus,
     )
 
 
@@ -280,6 +354,30 @@ async def _allocate_public(tx: Any, zone: Zone, vm: SystemVm) -> str:
         return await allocate_system_public_ip(tx, zone, vm.id)
     except (NetError, ValueError) as e:
         raise LifecycleError(f"vm {vm.name}: no public IP: {e}") from e
+
+
+async def _router_plan(ctx: ManagerContext, vm: SystemVm) -> list[dict[str, Any]]:
+    """The router's NIC plan from the network part (what the router's config names)."""
+    from manager.network.routers import nic_plan
+
+    try:
+        return await nic_plan(ctx.store, vm.id)
+    except LookupError as e:
+        raise LifecycleError(f"vm {vm.name}: no NIC plan: {e}") from e
+
+
+async def _router_size(ctx: ManagerContext, vm: SystemVm) -> tuple[int, int]:
+    """(memory MiB, CPUs) from the router's network's service offering (else the one the
+    router was created with, else the defaults)."""
+    from manager.network import store as ns
+
+    network_id = await ns.network_of_router(ctx.store, vm.id)
+    net = await ns.get_network(ctx.store, network_id) if network_id else None
+    offering_id = net.service_offering_id if net is not None else None
+    if offering_id is None and vm.details:
+        raw = vm.details.get("service_offering_id")
+        offering_id = str(raw) if raw else None
+    return router_sizing(await ns.list_router_offerings(ctx.store), offering_id)
 
 
 def event_type(role: Role, what: str) -> str:
@@ -449,8 +547,13 @@ async def _start(ctx: ManagerContext, vm_id: str, wait_agent: float = 0.0) -> Sy
         token=token,
         extra=boot_extra(vm, zone, host_network),
     )
-    spec = vm_spec(vm, zone, boot, _host_prefix(ctx, drv))
     try:
+        memory_mb, cpus, plan = DEFAULT_MEMORY_MB, DEFAULT_CPUS, None
+        if vm.role is Role.ROUTER:
+            memory_mb, cpus = await _router_size(ctx, vm)
+            if not host_network:  # eth0 control, eth1 public, eth2 guest (as planned)
+                plan = await _router_plan(ctx, vm)
+        spec = vm_spec(vm, zone, boot, _host_prefix(ctx, drv), memory_mb, cpus, plan)
         await _pin_template(ctx, vm, drv)
         await drv.start(spec)
     except (DriverError, LifecycleError, OSError) as e:
@@ -458,7 +561,7 @@ async def _start(ctx: ManagerContext, vm_id: str, wait_agent: float = 0.0) -> Sy
         await _record(ctx, vm, "START", "ERROR", f"start failed: {e}", alert=True,
                       state=VmState.ERROR)  # fmt: skip
         raise LifecycleError(f"vm {vm.name}: {e}") from e
-    control = spec.nics[0].address if spec.nics else None
+    control = next((n.address for n in spec.nics if n.kind == "control"), None)
     await _record(
         ctx, vm, "START", "INFO", f"started on {drv.name}",
         linklocal_ip=control.split("/")[0] if control else None,

@@ -5,7 +5,8 @@ rootfs (upper dir per VM: the image is never written), in its own network namesp
 NICs are veth pairs on the zone's host bridges. Boot data is bind-mounted read-only at
 ``/etc/sysvm/bootdata.json``. This host's PID 1 is not systemd, hence ``--keep-unit
 --register=no`` (no machined, no scope). The container console (systemd's status lines) goes
-to ``console.log``.
+to ``console.log``. In its own network namespace the VM's ``/proc/sys/net`` is writable
+(``SYSTEMD_NSPAWN_API_VFS_WRITABLE=network``): a router sets ``ip_forward`` there.
 
 Clean stop: SIGTERM to nspawn, which asks the container's systemd to halt. Forced: SIGKILL
 to the container's PID 1 (everything in its PID namespace dies), then to nspawn. A reboot
@@ -74,6 +75,16 @@ def nspawn_argv(
     return argv
 
 
+def nspawn_env(netns: str | None, base: Mapping[str, str]) -> dict[str, str]:
+    """nspawn's environment. In its own network namespace the VM may change its network
+    sysctls (``/proc/sys/net`` writable: the router turns on ``ip_forward``); nspawn mounts
+    it read-only for ``--network-namespace-path`` otherwise. Never on the host's network."""
+    env = {k: v for k, v in base.items() if k != "SYSTEMD_NSPAWN_API_VFS_WRITABLE"}
+    if netns is not None:
+        env["SYSTEMD_NSPAWN_API_VFS_WRITABLE"] = "network"
+    return env
+
+
 def find_leader(nspawn_pid: int) -> int | None:
     """The container's PID 1: a descendant of nspawn that is pid 1 in its own namespace."""
     todo = [nspawn_pid]
@@ -138,14 +149,15 @@ class NspawnDriver(HostDriver):
         )  # fmt: skip
 
     async def _launch(self, spec: VmSpec, vmdir: Path) -> asyncio.subprocess.Process:
+        netns = netns_name(self.prefix, spec.vm_id) if self.uses_netns else None
         argv = nspawn_argv(
             prefix=self.prefix,
             spec=spec,
             root=vmdir / "root",
             bootdata=vmdir / "bootdata.json",
-            netns=netns_name(self.prefix, spec.vm_id) if self.uses_netns else None,
+            netns=netns,
         )
-        return await spawn(spec.vm_id, argv, vmdir / "console.log")
+        return await spawn(spec.vm_id, argv, vmdir / "console.log", nspawn_env(netns, os.environ))
 
     async def _after_launch(self, spec: VmSpec, vmdir: Path, pid: int) -> dict[str, Any]:
         deadline = time.monotonic() + 15

@@ -93,3 +93,62 @@ def boot_data(vm_id: str, urls: list[str], role: str = "secondarystorage") -> di
         "token": "t" * 32,
         "extra": {},
     }
+
+
+# ---------------------------------------------------------------- namespaces and processes
+# (added for tests/system/test_router_nspawn.py)
+
+
+async def sh(*argv: str, timeout: float = 30.0, check: bool = True) -> str:
+    """Runs argv (no shell) under a timeout; returns stdout, fails with its stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout * TIMING_FACTOR)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise AssertionError(f"{list(argv)} timed out after {timeout} s") from None
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{list(argv)} exited {proc.returncode}: {err.decode()[-800:]}")
+    return out.decode(errors="replace")
+
+
+async def netns_on_bridge(
+    ns: str, host_if: str, bridge: str, *, mac: str | None = None, address: str | None = None
+) -> None:
+    """A network namespace ``ns`` whose ``eth0`` (``mac``, ``address``) is a veth whose host
+    end ``host_if`` is a port of ``bridge``. Deleting the namespace deletes both ends."""
+    await sh("ip", "netns", "add", ns)
+    mac_arg = ["address", mac] if mac else []
+    await sh("ip", "link", "add", host_if, "type", "veth",
+             "peer", "name", "eth0", *mac_arg, "netns", ns)  # fmt: skip
+    await sh("ip", "link", "set", host_if, "master", bridge, "up")
+    for dev in ("lo", "eth0"):
+        await sh("ip", "-n", ns, "link", "set", dev, "up")
+    if address:
+        await sh("ip", "-n", ns, "addr", "add", address, "dev", "eth0")
+
+
+async def delete_netns(ns: str) -> None:
+    """Kills whatever still runs in ``ns``, then deletes it (no error if it is gone)."""
+    from contextlib import suppress
+
+    pids = await sh("ip", "netns", "pids", ns, check=False)
+    for pid in pids.split():
+        with suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid), 9)
+    await sh("ip", "netns", "del", ns, check=False)
+
+
+async def spawn_in_netns(ns: str, *argv: str) -> asyncio.subprocess.Process:
+    """A background process in ``ns`` (own session: kill it with os.killpg)."""
+    return await asyncio.create_subprocess_exec(
+        "ip", "netns", "exec", ns, *argv,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
