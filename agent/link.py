@@ -45,7 +45,7 @@ from protocol.conversation import (
     ResponseArrived,
     Side,
 )
-from protocol.versions import SUPPORTED_VERSIONS
+from protocol.versions import SUPPORTED_VERSIONS, silence_timeout
 
 log = logging.getLogger("sysvm.agent")
 
@@ -347,10 +347,12 @@ class Agent:
             self._conv, self._ws = conv, ws
             self.connected.set()
             log.info(
-                "event=connected url=%s version=%d heartbeat=%.1f desired=%d applied=%d",
+                "event=connected url=%s version=%d heartbeat=%.1f ack_every=%d desired=%d"
+                " applied=%d",
                 url,
                 welcome.version,
                 welcome.heartbeat_interval,
+                conv.ack_every,
                 welcome.desired_version,
                 self.applied_version,
             )
@@ -444,7 +446,7 @@ class Agent:
         interval = float(value)
         if 0.0 < interval <= 3600.0 and interval != conv.heartbeat_interval:
             conv.heartbeat_interval = interval
-            conv.peer_timeout = 3.0 * interval
+            conv.peer_timeout = silence_timeout(interval, conv.ack_every)
             log.info("event=heartbeat_interval seconds=%.1f", interval)
 
     async def _send_frame(self, frame: bytes) -> bool:

@@ -232,6 +232,11 @@ SETTINGS: tuple[Setting, ...] = (
             min=1, max=3650, unit="d"),
     Setting("sysvm.agent.heartbeat.interval", Kind.FLOAT, 10.0,
             "Seconds between agent heartbeats", _SYS, agent=True, min=1, max=3600, unit="s"),
+    Setting("sysvm.agent.heartbeat.ack.every", Kind.INT, 4,
+            "The manager acknowledges every Nth heartbeat of an agent (protocol 2+); the "
+            "agent calls the manager silent after N + 2 heartbeat intervals without a frame. "
+            "1 acknowledges every heartbeat. Applies to connections made after a change",
+            _SYS, min=1, max=60),
     Setting("sysvm.api.request.max.bytes", Kind.INT, 1_048_576,
             "Largest API request body accepted", _SYS, dynamic=False,
             min=1024, max=64 * 1_048_576),

@@ -58,11 +58,14 @@ from protocol.messages import (
     Welcome,
 )
 from protocol.versions import (
+    MAX_ACK_EVERY,
     MIN_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
+    SPARSE_ACKS_VERSION,
     SUPPORTED_VERSIONS,
     VersionError,
     negotiate,
+    silence_timeout,
 )
 
 __all__ = [
@@ -75,8 +78,10 @@ __all__ = [
     "CLOSE_UNAUTHORIZED",
     "CLOSE_UNSUPPORTED_VERSION",
     "MANAGER_TO_AGENT",
+    "MAX_ACK_EVERY",
     "MIN_PROTOCOL_VERSION",
     "PROTOCOL_VERSION",
+    "SPARSE_ACKS_VERSION",
     "SUPPORTED_VERSIONS",
     "Close",
     "Command",
@@ -111,4 +116,5 @@ __all__ = [
     "decode",
     "encode",
     "negotiate",
+    "silence_timeout",
 ]

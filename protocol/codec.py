@@ -32,6 +32,7 @@ Pure module: no I/O, no clock.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, fields
 from typing import Any, Final
@@ -52,6 +53,7 @@ __all__ = [
     "Limits",
     "decode",
     "encode",
+    "starts_as",
 ]
 
 TOO_BIG: Final = "too_big"
@@ -330,3 +332,24 @@ def encode(msg: Message) -> bytes:
     except (TypeError, ValueError, OverflowError) as exc:
         raise EncodeError(f"{msg.type}: cannot pack ({exc})") from None
     return data
+
+
+_TYPE_KEY: Final = msgpack.packb("type")
+
+
+@functools.lru_cache(maxsize=64)
+def _packed_tag(msg_type: str) -> bytes:
+    packed: bytes = msgpack.packb(msg_type)
+    return packed
+
+
+def starts_as(frame: bytes | bytearray | memoryview, msg_type: str) -> bool:
+    """A cheap hint, not a check: does ``frame`` begin like ``encode`` writes a
+    ``msg_type`` message (a small map whose first key is ``type`` with that tag)? Lets a
+    receiver route its most frequent message without decoding the rest; a frame written
+    another way just takes the general path. Only :func:`decode` says a frame is valid."""
+    if not frame or not 0x80 <= frame[0] <= 0x8F:  # fixmap
+        return False
+    tag = _packed_tag(msg_type)
+    start = 1 + len(_TYPE_KEY)
+    return bytes(frame[1:start]) == _TYPE_KEY and bytes(frame[start : start + len(tag)]) == tag

@@ -69,7 +69,15 @@ from protocol.messages import (
     Response,
     Welcome,
 )
-from protocol.versions import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, VersionError, negotiate
+from protocol.versions import (
+    MAX_ACK_EVERY,
+    MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
+    SPARSE_ACKS_VERSION,
+    VersionError,
+    negotiate,
+    silence_timeout,
+)
 
 __all__ = [
     "UNEXPECTED_TYPE",
@@ -152,7 +160,10 @@ class Conversation:
 
     ``limits`` bounds the frames this side *receives* (default: ``AGENT_TO_MANAGER`` for
     the manager, ``MANAGER_TO_AGENT`` for an agent). ``peer_timeout`` defaults to three
-    heartbeat intervals (and follows the interval a ``welcome`` sets, on the agent side).
+    heartbeat intervals (on the agent side it follows the ``welcome``: ``ack_every`` + 2
+    intervals, see :func:`protocol.versions.silence_timeout`). The manager acknowledges
+    heartbeat 1 and every ``ack_every``-th after it, as its ``welcome`` announced (protocol
+    2+; every heartbeat for a version-1 agent).
     After ``max_errors`` bad frames in a row the conversation closes with 1008.
     """
 
@@ -191,6 +202,8 @@ class Conversation:
         self._pending: dict[int, float] = {}
         self._hb_seq = 0
         self._last_hb = now
+        #: Heartbeats per ack (set by the ``welcome`` sent / received).
+        self.ack_every = 1
 
     # -- queries -------------------------------------------------------------------------
 
@@ -236,6 +249,8 @@ class Conversation:
                 self.state = State.ENROL
         if isinstance(msg, Heartbeat) and now is not None:
             self._last_hb = now
+        elif isinstance(msg, Welcome) and self.side is Side.MANAGER:
+            self.ack_every = _ack_every(msg, self.version)
         return frame
 
     def heartbeat(self, status: Mapping[str, Any], now: float) -> bytes:
@@ -349,7 +364,10 @@ class Conversation:
         if isinstance(msg, Hello | Enrol):
             return self._close(CLOSE_POLICY, f"unexpected {msg.type!r} after hello")
         if isinstance(msg, Heartbeat):
-            return [Received(msg), Reply(encode(HeartbeatAck(seq=msg.seq)))]
+            every = self.ack_every
+            if every == 1 or msg.seq % every == 0 or msg.seq == 1:
+                return [Received(msg), Reply(encode(HeartbeatAck(seq=msg.seq)))]
+            return [Received(msg)]
         answered = self._answer(msg)
         if answered is not None:
             return answered
@@ -393,11 +411,21 @@ class Conversation:
             return self._close(
                 CLOSE_POLICY, f"heartbeat_interval {msg.heartbeat_interval} out of range"
             )
+        if msg.version >= SPARSE_ACKS_VERSION and not 1 <= msg.ack_every <= MAX_ACK_EVERY:
+            return self._close(CLOSE_POLICY, f"ack_every {msg.ack_every} out of range")
         self.version = msg.version
         self.welcome = msg
         self.heartbeat_interval = msg.heartbeat_interval
+        self.ack_every = _ack_every(msg, msg.version)
         if self._derived_timeout:
-            self.peer_timeout = 3.0 * msg.heartbeat_interval
+            self.peer_timeout = silence_timeout(msg.heartbeat_interval, self.ack_every)
         self._last_hb = now
         self.state = State.OPEN
         return [Received(msg)]
+
+
+def _ack_every(welcome: Welcome, version: int | None) -> int:
+    """Heartbeats per ack a ``welcome`` sets: 1 below protocol 2, else its value clamped."""
+    if version is None or version < SPARSE_ACKS_VERSION:
+        return 1
+    return max(1, min(welcome.ack_every, MAX_ACK_EVERY))

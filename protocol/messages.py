@@ -54,13 +54,17 @@ class Hello:
 
 @dataclass(frozen=True, slots=True)
 class Welcome:
-    """manager→agent answer to ``hello``: the negotiated version and the pacing."""
+    """manager→agent answer to ``hello``: the negotiated version and the pacing.
+
+    ``ack_every`` (protocol 2+): the manager acknowledges every Nth heartbeat only (seq 1
+    and multiples of N); a version-1 agent ignores the field and gets every ack."""
 
     type: ClassVar[str] = "welcome"
     version: int = 0
     vm_id: str = ""
     heartbeat_interval: float = 10.0
     desired_version: int = 0
+    ack_every: int = 1
 
 
 @dataclass(frozen=True, slots=True)

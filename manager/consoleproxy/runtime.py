@@ -59,6 +59,7 @@ TOKEN_PURGE_KEEP = 3600.0  # used/expired tokens kept this long for reporting
 IDLE_GRACE = 60.0  # an extra proxy idle this long may be stopped by the scaler
 DRAIN_TIMEOUT = 30.0  # default wait for sessions to end before a stop/restart
 START_RETRY = 300.0  # after a failed proxy start, the scaler retries this much later
+YIELD_EVERY = 256  # proxies looked at between two yields to the loop in a scan
 _LIVE_VM_STATES = (VmState.STARTING, VmState.RUNNING, VmState.STOPPING)
 
 
@@ -387,7 +388,9 @@ class ConsoleRuntime:
         now = self.clock()
         self.pending = prune_pending(self.pending, now)
         out = []
-        for vm in vms:
+        for n, vm in enumerate(vms, 1):
+            if n % YIELD_EVERY == 0:  # thousands of proxies: let heartbeats in between
+                await asyncio.sleep(0)
             connected = bool(links is not None and links.is_connected(vm.id))
             r = self.reports.get(vm.id)
             load = to_load(
@@ -648,12 +651,16 @@ class ConsoleRuntime:
         plans = []
         for zone in await self.ctx.store.list_zones():
             pairs = await self.proxies(zone.id)
-            for vm, _ in pairs:
+            plannable = []
+            for n, (vm, view) in enumerate(pairs, 1):
+                if n % YIELD_EVERY == 0:  # thousands of proxies: let heartbeats in between
+                    await asyncio.sleep(0)
                 if drain_outlived(vm.details):  # restarted since: clear the stale flag
                     await self.undrain(vm.id)
+                plannable.append(self._plannable(vm, view))
             views = [p for _, p in pairs]
             plan = scale.plan_capacity(
-                [self._plannable(vm, p) for vm, p in pairs],
+                plannable,
                 now=self.clock(),
                 session_max=int(self._setting("consoleproxy.session.max", zone.id)),
                 standby=int(self._setting("consoleproxy.capacity.standby", zone.id)),

@@ -187,6 +187,7 @@ class Worker:
         self.heap_changed = asyncio.Event()
         self.tasks: set[asyncio.Task[None]] = set()
         self.lag: list[float] = []
+        self.ack_every = 1  # the largest welcome.ack_every seen (kept across resets)
         self.reset_counters()
 
     def reset_counters(self) -> None:
@@ -360,6 +361,7 @@ class Worker:
                         isinstance(ev, Received) and isinstance(ev.msg, m.Welcome) for ev in events
                     ):
                         raise HandshakeFailed(f"no welcome: {events!r:.200}")
+                    self.ack_every = max(self.ack_every, conv.ack_every)
                 else:  # echo: the server sends our hello back
                     await send(ws, encode(hello))
                     await asyncio.wait_for(ws.recv(), 60)
@@ -463,6 +465,7 @@ class Worker:
         return {
             "hb_sent": self.hb_sent,
             "acks": self.acks,
+            "ack_every": self.ack_every,
             "rtts": self.rtts[-20_000:],
             "failures": dict(self.failures),
             "configs": self.configs,
@@ -857,6 +860,7 @@ class Bench:
         res["rtt_p99"] = quantile(rtts, 0.99)
         res["hb_sent_per_s"] = sum(s["hb_sent"] for s in stats) / window
         res["acks_per_s"] = sum(s["acks"] for s in stats) / window
+        res["ack_every"] = max(s["ack_every"] for s in stats)
         res["client_cpu_pct"] = sum(cpu_percent(a, b) for a, b in zip(w0, w1, strict=True))
         res["client_lag_p99"] = max(s["lag_p99"] for s in stats)
         failures: Counter[str] = Counter()
@@ -1024,6 +1028,12 @@ class Bench:
                 "client: sent / acked per s",
                 f"{fmt(mg, 'hb_sent_per_s')} / {fmt(mg, 'acks_per_s')}",
                 f"{fmt(e, 'hb_sent_per_s')} / {fmt(e, 'acks_per_s')}",
+                "",
+            ],
+            [
+                "heartbeats per ack (welcome.ack_every)",
+                f"{mg.get('ack_every', '-')}",
+                "1" if e else "-",
                 "",
             ],
             [

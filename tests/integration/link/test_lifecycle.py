@@ -151,3 +151,42 @@ async def test_agent_fails_over_across_manager_urls(cluster: Any, free_port: Any
     assert all(0.0 <= w <= 1.0 for w in waits)  # full jitter under the test's 1 s cap
     await mgr.start()
     await agent.wait_log("event=connected", count=2, timeout=30)
+
+
+async def test_manager_acks_every_nth_heartbeat_and_the_agent_stays_connected(
+    cluster: Any,
+) -> None:
+    """Protocol 2: the manager answers heartbeat 1 and every 4th after it (the setting),
+    so 2,000 heartbeats/s cost 500 acks/s; the agent, told so in its welcome, waits
+    4 + 2 intervals before it calls the manager silent and does not drop the link."""
+    import json
+
+    from cs import CloudStack
+
+    mgr = cluster.manager
+    await mgr.start()
+    creds = json.loads((mgr.home / "credentials.json").read_text())
+    api = CloudStack(endpoint=creds["endpoint"], key=creds["apikey"], secret=creds["secretkey"])
+    for name, value in (("sysvm.agent.heartbeat.interval", "1"),
+                        ("sysvm.agent.heartbeat.ack.every", "4")):  # fmt: skip
+        await asyncio.to_thread(api.updateConfiguration, name=name, value=value)
+    (boot,) = await mgr.create_vms(1)
+    agent = cluster.agent(boot)
+    await agent.start()
+    (line,) = await agent.wait_log("event=connected")
+    assert "version=2 " in line and "heartbeat=1.0 " in line and "ack_every=4 " in line
+    await agent.wait_log("event=config_applied version=1")
+    beats0 = await mgr.metric("sysvm_heartbeats_total")
+    out0 = await mgr.metric("sysvm_frames_out_total")
+
+    async def twelve_more() -> bool:
+        return await mgr.metric("sysvm_heartbeats_total") >= beats0 + 12
+
+    # 12 heartbeats at 1 s: twice the agent's silence timeout (6 s) with sparse acks.
+    await cluster.wait_for(twelve_more, 30, "twelve heartbeats")
+    beats = await mgr.metric("sysvm_heartbeats_total") - beats0
+    acks = await mgr.metric("sysvm_frames_out_total") - out0
+    # Every 4th heartbeat is acknowledged (nothing else is sent to an idle agent).
+    assert beats // 4 - 1 <= acks <= beats // 4 + 1, (beats, acks)
+    assert agent.lines("event=manager_silent") == []
+    assert agent.lines("event=disconnected") == []

@@ -424,11 +424,38 @@ def test_gc_freeze_decision() -> None:
         freeze_decision(live=GC_FREEZE_MIN_NEW - 1, frozen=0, closed_since=0, quiet_for=settled)
         is None
     )
-    # no refreeze before a full collection swept the closed sessions' garbage
+    # a long ramp is frozen step by step, without waiting for it to settle
+    from manager.agentlink import GC_FREEZE_RAMP_STEP
+
+    assert (
+        freeze_decision(live=GC_FREEZE_RAMP_STEP, frozen=0, closed_since=0, quiet_for=0) == "freeze"
+    )
+    assert (
+        freeze_decision(
+            live=2 * GC_FREEZE_RAMP_STEP - 1,
+            frozen=GC_FREEZE_RAMP_STEP,
+            closed_since=0,
+            quiet_for=0,
+        )
+        == "refreeze"  # not a new step yet: only what is new since is frozen
+    )
+    # no freeze before a full collection swept the closed sessions' garbage
     assert (
         freeze_decision(live=5000, frozen=0, closed_since=0, quiet_for=settled, swept=False) is None
     )
     # many frozen sessions closed: unfreeze so their cycles can be collected
     assert freeze_decision(live=8000, frozen=10000, closed_since=1001, quiet_for=0) == "unfreeze"
-    assert freeze_decision(live=9900, frozen=10000, closed_since=100, quiet_for=settled) is None
+    # frozen and staying so: what was allocated since is frozen too, each tick
+    assert (
+        freeze_decision(live=9900, frozen=10000, closed_since=100, quiet_for=settled) == "refreeze"
+    )
+    # ... until the heap has been frozen for GC_FROZEN_MAX_AGE: one full collection
+    from manager.agentlink import GC_FROZEN_MAX_AGE
+
+    assert (
+        freeze_decision(
+            live=10000, frozen=10000, closed_since=0, quiet_for=0, frozen_for=GC_FROZEN_MAX_AGE
+        )
+        == "unfreeze"
+    )
     assert freeze_decision(live=500, frozen=500, closed_since=101, quiet_for=0) == "unfreeze"

@@ -306,3 +306,23 @@ def test_unpack_failure_fallback_names_the_exception_class() -> None:
     # msgpack 1.x raises only the classes mapped above for the frames we could craft; a
     # future version's other exception still becomes a bounded reason.
     assert codec._unpack_failure(RuntimeError("x" * 500)) == "unparseable frame (RuntimeError)"
+
+
+def test_starts_as_is_a_cheap_hint_for_what_encode_writes() -> None:
+    from protocol.codec import starts_as
+
+    hb = encode(messages.Heartbeat(seq=7, status={"x": [1, 2]}))
+    assert starts_as(hb, "heartbeat") and starts_as(bytearray(hb), "heartbeat")
+    assert starts_as(memoryview(hb), "heartbeat")
+    assert not starts_as(hb, "hello")
+    assert not starts_as(encode(messages.Hello()), "heartbeat")
+    # Another writer's key order, an array, garbage, empty: not recognised (general path).
+    other = msgpack.packb({"seq": 1, "type": "heartbeat"})
+    assert decode(other, A2M) == messages.Heartbeat(seq=1)
+    assert not starts_as(other, "heartbeat")
+    for frame in (b"", b"\x93\x01\x02\x03", b"\x81", hb[:5]):
+        assert not starts_as(frame, "heartbeat")
+    # A hint only: a frame that starts right but is broken is still refused by decode.
+    with pytest.raises(DecodeError):
+        decode(hb[:-1], A2M)
+    assert starts_as(hb[:-1], "heartbeat")

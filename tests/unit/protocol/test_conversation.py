@@ -30,7 +30,12 @@ from protocol.conversation import (
     Side,
     State,
 )
-from protocol.versions import PROTOCOL_VERSION, SUPPORTED_VERSIONS
+from protocol.versions import (
+    MAX_ACK_EVERY,
+    PROTOCOL_VERSION,
+    SUPPORTED_VERSIONS,
+    silence_timeout,
+)
 
 
 def pack(obj: Any) -> bytes:
@@ -477,3 +482,71 @@ def test_agent_sending_other_messages_while_idle_stays_idle() -> None:
     agent = Conversation(Side.AGENT, now=0.0)
     agent.send(m.Error(code="x"))
     assert agent.state is State.IDLE
+
+
+# -- sparse heartbeat acks (protocol 2) ----------------------------------------------------
+
+
+def sparse_pair(
+    ack_every: int, agent_versions: list[int] | None = None, interval: float = 5.0
+) -> tuple[Conversation, Conversation]:
+    mgr = Conversation(Side.MANAGER, now=0.0, heartbeat_interval=interval)
+    agent = Conversation(Side.AGENT, now=0.0)
+    [_] = mgr.receive(agent.send(m.Hello(versions=agent_versions or list(SUPPORTED_VERSIONS))), 0)
+    assert mgr.version is not None
+    welcome = m.Welcome(version=mgr.version, heartbeat_interval=interval, ack_every=ack_every)
+    [ev] = agent.receive(mgr.send(welcome), 0.0)
+    assert isinstance(ev, Received)
+    return mgr, agent
+
+
+def acked_seqs(mgr: Conversation, agent: Conversation, beats: int) -> list[int]:
+    acked = []
+    for i in range(1, beats + 1):
+        events = mgr.receive(agent.heartbeat({}, now=5.0 * i), 5.0 * i)
+        assert isinstance(events[0], Received) and isinstance(events[0].msg, m.Heartbeat)
+        for ev in events[1:]:
+            assert isinstance(ev, Reply)
+            [got] = agent.receive(ev.frame, 5.0 * i)
+            assert isinstance(got, Received) and isinstance(got.msg, m.HeartbeatAck)
+            acked.append(got.msg.seq)
+    return acked
+
+
+def test_manager_acks_first_and_every_nth_heartbeat() -> None:
+    mgr, agent = sparse_pair(4)
+    assert mgr.ack_every == agent.ack_every == 4
+    assert acked_seqs(mgr, agent, 13) == [1, 4, 8, 12]
+    # The agent waits the longest normal gap between acks plus two intervals.
+    assert agent.peer_timeout == silence_timeout(5.0, 4) == 30.0
+
+
+def test_agent_is_not_silent_between_sparse_acks_but_is_after_a_missed_one() -> None:
+    mgr, agent = sparse_pair(4)
+    acked_seqs(mgr, agent, 8)  # last ack at t=40
+    assert agent.tick(40.0 + 29.9) == []
+    assert agent.tick(40.0 + 30.0) == [PeerSilent()]
+
+
+def test_version_1_agent_gets_every_ack() -> None:
+    mgr, agent = sparse_pair(4, agent_versions=[1])
+    assert mgr.version == 1 and agent.version == 1
+    assert mgr.ack_every == agent.ack_every == 1
+    assert acked_seqs(mgr, agent, 5) == [1, 2, 3, 4, 5]
+    assert agent.peer_timeout == 15.0
+
+
+@pytest.mark.parametrize("bad", [0, -1, MAX_ACK_EVERY + 1])
+def test_agent_refuses_welcome_with_ack_every_out_of_range(bad: int) -> None:
+    agent = Conversation(Side.AGENT, now=0.0)
+    agent.send(m.Hello(versions=list(SUPPORTED_VERSIONS)))
+    welcome = m.Welcome(version=PROTOCOL_VERSION, heartbeat_interval=5.0, ack_every=bad)
+    close = only_close(agent.receive(encode(welcome), 0.0))
+    assert close.code == CLOSE_POLICY and "ack_every" in close.reason
+    assert agent.closed
+
+
+def test_manager_clamps_ack_every_it_sends() -> None:
+    mgr, _ = sparse_pair(1)
+    mgr.send(m.Welcome(version=PROTOCOL_VERSION, ack_every=10_000))
+    assert mgr.ack_every == MAX_ACK_EVERY
