@@ -137,7 +137,7 @@ async def test_configurations_list_update_event_and_agent_bump(api: Api, cs_clie
     }
     cat = await asyncio.to_thread(cs.listConfigurations, category="Console Proxy")
     assert all(c["category"] == "Console Proxy" for c in cat["configuration"])
-    kw = await asyncio.to_thread(cs.listConfigurations, keyword="agent.heartbeat")
+    kw = await asyncio.to_thread(cs.listConfigurations, keyword="agent.heartbeat.int")
     assert [c["name"] for c in kw["configuration"]] == ["sysvm.agent.heartbeat.interval"]
 
     zone_id = vms["zone"].id
