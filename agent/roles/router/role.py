@@ -240,13 +240,13 @@ class RouterRole:
         self.paths.run_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
         os.chmod(self.paths.run_dir, 0o755)  # noqa: S103 - daemons' users must traverse it
         self.paths.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.paths.www.mkdir(mode=0o755, exist_ok=True)
+        _mkdir(self.paths.www, 0o755)
         health = self.paths.www / "health"
         if not health.exists():
             atomic_write(health, b"ok\n", 0o644)
-        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation dir
+        _mkdir(Path("/run/sshd"), 0o755)  # sshd's privilege separation dir
         leases = self.paths.leases.parent
-        leases.mkdir(mode=0o755, exist_ok=True)
+        _mkdir(leases, 0o755)
         if self.env.dnsmasq_user:
             pw = pwd.getpwnam(self.env.dnsmasq_user)
             os.chown(leases, pw.pw_uid, pw.pw_gid)
@@ -351,14 +351,14 @@ class RouterRole:
     ) -> None:
         staging = self.paths.run_dir / ".staging"
         shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(mode=0o755)
+        _mkdir(staging, 0o755, exist_ok=False)
         try:
             spaths = Paths(run_dir=staging, state_dir=self.paths.state_dir)
             cand = render_files(cfg, spaths, self.env)
             for name, data in cand.items():
                 atomic_write(spaths.file(name), data, 0o644)
-            spaths.leases.parent.mkdir(exist_ok=True)
-            spaths.www.mkdir(exist_ok=True)
+            _mkdir(spaths.leases.parent, 0o755)
+            _mkdir(spaths.www, 0o755)
             checks: list[tuple[str, list[str]]] = []
             if changed & {"dnsmasq_conf", "dhcp_hosts", "hosts"}:
                 checks.append(("dnsmasq", ["dnsmasq", "--test", "-C", str(spaths.dnsmasq_conf)]))
@@ -404,15 +404,16 @@ class RouterRole:
         if not d.exists():
             tmp = self.paths.www / f".{target}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(mode=0o755)
+            _mkdir(tmp, 0o755, exist_ok=False)
             gid = grp.getgrnam(self.env.apache_group).gr_gid if self.env.apache_group else -1
             for rel, data in sorted(new.vmdata.items()):
                 p = tmp / rel
-                p.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+                _mkdir(p.parent, 0o755, parents=True)
                 fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
                 with os.fdopen(fd, "wb") as f:
                     if gid != -1:
                         os.fchown(f.fileno(), 0, gid)
+                    os.fchmod(f.fileno(), 0o640)  # the umask (0077) narrowed os.open's mode
                     f.write(data)
             os.rename(tmp, d)
         self._swap_link(target)
@@ -742,3 +743,17 @@ def _readlink(path: Path) -> str | None:
         return os.readlink(path)
     except (FileNotFoundError, OSError):
         return None
+
+
+def _mkdir(path: Path, mode: int, *, parents: bool = False, exist_ok: bool = True) -> None:
+    """mkdir with ``mode`` whatever the process umask (the agent's unit runs with 0077):
+    the daemons' users (dnsmasq, www-data, haproxy) must traverse these directories."""
+    made = [path]
+    if parents:  # the parents mkdir creates get the umask's mode: set theirs too
+        parent = path.parent
+        while not parent.exists():
+            made.append(parent)
+            parent = parent.parent
+    path.mkdir(mode=mode, parents=parents, exist_ok=exist_ok)
+    for d in made:
+        os.chmod(d, mode)
