@@ -3,8 +3,9 @@
 ``create(ctx)`` returns the :class:`~agent.roles.router.role.RouterRole`. Modules:
 ``config`` (typed schema, strict parse), ``render`` (pure: config → full files and
 iptables-restore texts), ``iptables`` (pure parsing of iptables-save output), ``plan``
-(pure decisions), ``stats`` (pure counter deltas), ``probes`` (service checks), ``proc``
-(commands and supervised daemons), ``role`` (the applier).
+(pure decisions), ``stats`` (pure counter deltas), ``probes`` (service checks), ``garp``
+(gratuitous ARP frames and their sending), ``proc`` (commands and supervised daemons),
+``role`` (the applier).
 """
 
 from __future__ import annotations

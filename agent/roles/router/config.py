@@ -67,13 +67,20 @@ class PublicNic:
 @dataclass(frozen=True, slots=True)
 class GuestNic:
     device: str
-    gateway: ipaddress.IPv4Address  # the router's own address on the guest network
+    gateway: ipaddress.IPv4Address  # the guests' default gateway (DHCP option 3)
     cidr: ipaddress.IPv4Network
+    address: ipaddress.IPv4Address  # the router's own address here (default: gateway)
+
+    @property
+    def is_gateway(self) -> bool:
+        """Is the router the guests' gateway? (No: a Shared network's router, which
+        serves DHCP, DNS and userdata from its own address in the range.)"""
+        return self.address == self.gateway
 
 
 @dataclass(frozen=True, slots=True)
 class Interfaces:
-    public: PublicNic
+    public: PublicNic | None  # None: no public NIC (a Shared network's router)
     guest: GuestNic
     control: ControlNic | None = None
 
@@ -186,6 +193,7 @@ class RouterConfig:
     vm_data: tuple[VmData, ...] = ()
     ssh_authorized_key: str | None = None
     stats: Stats = field(default_factory=Stats)
+    announce: int = 0  # bumped by the manager: send gratuitous ARP for all addresses
 
 
 # --- parsing helpers -----------------------------------------------------------------
@@ -404,28 +412,41 @@ def _public(value: Any, path: str) -> PublicNic:
 
 def _guest(value: Any, path: str) -> GuestNic:
     o = _Obj(value, path)
-    nic = GuestNic(
-        device=o.need("device", _regex(_DEVICE_RE, "device name")),
-        gateway=o.need("gateway", _ip),
-        cidr=o.need("cidr", _cidr),
-    )
+    device = o.need("device", _regex(_DEVICE_RE, "device name"))
+    gateway = o.need("gateway", _ip)
+    cidr = o.need("cidr", _cidr)
+    address = o.get("address", _ip, gateway)
     o.done()
-    if nic.gateway not in nic.cidr:
-        raise ConfigError(f"{path}.gateway", f"{nic.gateway} is not in {nic.cidr}")
-    return nic
+    if gateway not in cidr:
+        raise ConfigError(f"{path}.gateway", f"{gateway} is not in {cidr}")
+    if address not in cidr:
+        raise ConfigError(f"{path}.address", f"{address} is not in {cidr}")
+    if cidr.prefixlen <= 30 and address in (cidr.network_address, cidr.broadcast_address):
+        what = "network" if address == cidr.network_address else "broadcast"
+        raise ConfigError(f"{path}.address", f"{address} is the {what} address of {cidr}")
+    return GuestNic(device=device, gateway=gateway, cidr=cidr, address=address)
 
 
 def _interfaces(value: Any, path: str) -> Interfaces:
     o = _Obj(value, path)
     ifs = Interfaces(
-        public=o.need("public", _public),
+        public=o.get("public", _public, None),
         guest=o.need("guest", _guest),
         control=o.get("control", _control, None),
     )
     o.done()
-    devices = [ifs.public.device, ifs.guest.device] + ([ifs.control.device] if ifs.control else [])
+    devices = [ifs.guest.device]
+    devices += [ifs.public.device] if ifs.public else []
+    devices += [ifs.control.device] if ifs.control else []
     if len(set(devices)) != len(devices):
         raise ConfigError(path, "public, guest and control must be different devices")
+    if ifs.public is not None and not ifs.guest.is_gateway:
+        # The guests route through the gateway, not us: a public side would carry nothing.
+        raise ConfigError(
+            o.at("guest.address"),
+            "differs from gateway (the router is not the guests' gateway), "
+            "so there can be no interfaces.public",
+        )
     return ifs
 
 
@@ -619,16 +640,37 @@ def parse(value: Any, path: str = "router") -> RouterConfig:
         vm_data=o.get("vm_data", _list(_vm_data), ()),
         ssh_authorized_key=o.get("ssh_authorized_key", _ssh_key, None),
         stats=o.get("stats", _stats, Stats()),
+        announce=o.get("announce", _int(0, 2**63 - 1), 0),
     )
     o.done()
+    if cfg.interfaces.public is None:
+        _check_no_public(cfg, path)
     _check_references(cfg, path)
     return cfg
+
+
+def _check_no_public(cfg: RouterConfig, path: str) -> None:
+    """Without a public NIC nothing may hang off the public side."""
+    problem = "needs interfaces.public (this router has no public NIC)"
+    lists: tuple[tuple[str, Sequence[object]], ...] = (
+        ("firewall", cfg.firewall),
+        ("egress.rules", cfg.egress.rules),
+        ("port_forwarding", cfg.port_forwarding),
+        ("static_nat", cfg.static_nat),
+        ("load_balancers", cfg.load_balancers),
+    )
+    for name, items in lists:
+        if items:
+            raise ConfigError(f"{path}.{name}[0]", problem)
+    if cfg.source_nat is not None:
+        raise ConfigError(f"{path}.source_nat", problem)
 
 
 def _check_references(cfg: RouterConfig, path: str) -> None:
     """Cross-field rules: public IPs used are ours, guest IPs are in the guest CIDR,
     nothing claimed twice."""
-    public = set(cfg.interfaces.public.ips)
+    pub = cfg.interfaces.public
+    public = set(pub.ips) if pub is not None else set()
     guest = cfg.interfaces.guest.cidr
 
     def need_public(ip: ipaddress.IPv4Address, where: str) -> None:

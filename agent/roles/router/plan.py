@@ -59,3 +59,37 @@ def address_commands(
         for a in sorted(want - have):
             cmds.append(f"address add {a} dev {dev}")
     return cmds
+
+
+def added_addresses(
+    desired: Mapping[str, tuple[str, ...]], current: Mapping[str, Set[str]]
+) -> dict[str, set[str]]:
+    """Per device, the desired addresses (``ip/prefix``) it does not carry yet."""
+    out: dict[str, set[str]] = {}
+    for dev in sorted(desired):
+        new = set(desired[dev]) - set(current.get(dev, set()))
+        if new:
+            out[dev] = new
+    return out
+
+
+def garp_targets(
+    announceable: Mapping[str, tuple[str, ...]],
+    added: Mapping[str, Set[str]],
+    old_announce: int | None,
+    new_announce: int,
+) -> dict[str, tuple[str, ...]]:
+    """device -> IPs to send gratuitous ARP for after an apply: all announceable ones
+    (guest and public, never control) when the manager bumped ``announce`` since the
+    previous apply of this agent (``old_announce``; None = first apply), else those just
+    added (``ip/prefix``, a boot or a config change). Nothing new → nothing sent."""
+    everything = old_announce is not None and old_announce != new_announce
+    out: dict[str, tuple[str, ...]] = {}
+    for dev in sorted(announceable):
+        ips = announceable[dev]
+        if not everything:
+            fresh = {a.split("/", 1)[0] for a in added.get(dev, set())}
+            ips = tuple(ip for ip in ips if ip in fresh)
+        if ips:
+            out[dev] = ips
+    return out

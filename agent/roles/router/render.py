@@ -149,6 +149,8 @@ class Rendered:
     default_route: tuple[str, str] | None  # (gateway, device)
     public_ips: tuple[str, ...]
     probe_name: str = field(default="router")  # a name dnsmasq must answer
+    forwarding: bool = True  # ip_forward: does the router route at all?
+    garp: dict[str, tuple[str, ...]] = field(default_factory=dict)  # device -> IPs to announce
 
 
 def chain_rules(lines: tuple[str, ...] | list[str]) -> dict[str, list[str]]:
@@ -206,8 +208,8 @@ def _firewall_specs(rule: FirewallRule) -> list[str]:
 
 def render_iptables(cfg: RouterConfig) -> dict[str, Rules]:
     ifs = cfg.interfaces
-    pub, guest, ctl = ifs.public.device, ifs.guest.device, ifs.control
-    gw = ifs.guest.gateway
+    guest, ctl = ifs.guest.device, ifs.control
+    me = ifs.guest.address  # our own address on the guest network
     f, n, m = _Table(), _Table(), _Table()
 
     # filter / SVM-INPUT: traffic to the router itself.
@@ -224,11 +226,21 @@ def render_iptables(cfg: RouterConfig) -> dict[str, Rules]:
     f.add("SVM-INPUT", f"-i {guest} -p udp -m udp --dport 67 -j ACCEPT", "dhcp")
     for proto in ("udp", "tcp"):
         f.add(
-            "SVM-INPUT", f"-d {gw}/32 -i {guest} -p {proto} -m {proto} --dport 53 -j ACCEPT", "dns"
+            "SVM-INPUT", f"-d {me}/32 -i {guest} -p {proto} -m {proto} --dport 53 -j ACCEPT", "dns"
         )
-    f.add("SVM-INPUT", f"-d {gw}/32 -i {guest} -p tcp -m tcp --dport 80 -j ACCEPT", "vm_data")
+    f.add("SVM-INPUT", f"-d {me}/32 -i {guest} -p tcp -m tcp --dport 80 -j ACCEPT", "vm_data")
     f.add("SVM-INPUT", f"-i {guest} -p icmp -j ACCEPT", "interfaces.guest")
     f.add("SVM-INPUT", f"-i {guest} -j DROP", "interfaces.guest")
+
+    if ifs.public is None:
+        # No public side: nothing to NAT, filter or count. Only a router that is the
+        # guests' gateway passes guest-to-guest traffic; nothing else goes through.
+        if ifs.guest.is_gateway:
+            f.add("SVM-FORWARD", f"-i {guest} -o {guest} -j ACCEPT", "interfaces.guest")
+        f.add("SVM-FORWARD", "-j DROP", "interfaces")
+        return {"filter": f.rules(), "nat": n.rules(), "mangle": m.rules()}
+
+    pub = ifs.public.device
     f.add("SVM-INPUT", f"-i {pub} -j ACCEPT", "firewall")  # mangle/SVM-FW-IN filtered it
 
     # filter / SVM-FORWARD: through the router. From outside only to what is DNATed
@@ -364,7 +376,7 @@ def render_dnsmasq(cfg: RouterConfig, paths: Paths, env: Env) -> dict[str, bytes
         "bind-interfaces",
         f"interface={g.device}",
         "except-interface=lo",
-        f"listen-address={g.gateway}",
+        f"listen-address={g.address}",
         f"domain={cfg.domain}",
         f"local=/{cfg.domain}/",
         "expand-hosts",
@@ -374,14 +386,14 @@ def render_dnsmasq(cfg: RouterConfig, paths: Paths, env: Env) -> dict[str, bytes
         "dhcp-authoritative",
         f"dhcp-range=set:guest,{g.cidr.network_address},static,{g.cidr.netmask},{cfg.dhcp_lease_time}",
         f"dhcp-option=tag:guest,option:router,{g.gateway}",
-        f"dhcp-option=tag:guest,option:dns-server,{g.gateway}",
+        f"dhcp-option=tag:guest,option:dns-server,{g.address}",
         f"dhcp-option=tag:guest,option:domain-search,{cfg.domain}",
     ]
     if env.dnsmasq_user:
         lines.append(f"user={env.dnsmasq_user}")
     lines += [f"server={s}" for s in cfg.dns_servers]
     dhcp = [f"{d.mac},{d.ip},{d.hostname}" for d in cfg.dhcp]
-    hosts = [f"{g.gateway} {env.router_name}"]
+    hosts = [f"{g.address} {env.router_name}"]
     hosts += [f"{d.ip} {d.hostname}" for d in cfg.dhcp]
     hosts += [f"{e.ip} {e.name}" for e in cfg.dns_entries]
     return {
@@ -434,7 +446,7 @@ def render_apache(cfg: RouterConfig, paths: Paths, env: Env) -> bytes:
         f"LoadModule authz_core_module {mods}/mod_authz_core.so",
         f"LoadModule rewrite_module {mods}/mod_rewrite.so",
         "ServerName router",
-        f"Listen {g.gateway}:80",
+        f"Listen {g.address}:80",
         f"PidFile {paths.run_dir}/apache2.pid",
         f"DefaultRuntimeDir {paths.run_dir}",
         f"Mutex file:{paths.run_dir} default",
@@ -509,12 +521,34 @@ def render_vmdata(cfg: RouterConfig) -> dict[str, bytes]:
 
 def render_addresses(cfg: RouterConfig) -> dict[str, tuple[str, ...]]:
     ifs = cfg.interfaces
-    out = {
-        ifs.public.device: tuple(sorted(f"{ip}/{ifs.public.prefix}" for ip in ifs.public.ips)),
-        ifs.guest.device: (f"{ifs.guest.gateway}/{ifs.guest.cidr.prefixlen}",),
-    }
+    out: dict[str, tuple[str, ...]] = {}
+    if ifs.public is not None:
+        pub = ifs.public
+        out[pub.device] = tuple(sorted(f"{ip}/{pub.prefix}" for ip in pub.ips))
+    out[ifs.guest.device] = (f"{ifs.guest.address}/{ifs.guest.cidr.prefixlen}",)
     if ifs.control is not None:
         out[ifs.control.device] = (f"{ifs.control.ip}/{ifs.control.prefix}",)
+    return out
+
+
+def render_default_route(cfg: RouterConfig) -> tuple[str, str] | None:
+    """(gateway, device): via the public gateway; without a public NIC, via the guest
+    network's gateway when that is not us (so dnsmasq reaches its upstream servers)."""
+    ifs = cfg.interfaces
+    if ifs.public is not None:
+        return (str(ifs.public.gateway), ifs.public.device) if ifs.public.gateway else None
+    if not ifs.guest.is_gateway:
+        return str(ifs.guest.gateway), ifs.guest.device
+    return None
+
+
+def render_garp(cfg: RouterConfig) -> dict[str, tuple[str, ...]]:
+    """device -> the addresses others must reach at our MAC, which another router may
+    have held before us: the guest address and the public IPs (not the control NIC's)."""
+    ifs = cfg.interfaces
+    out: dict[str, tuple[str, ...]] = {ifs.guest.device: (str(ifs.guest.address),)}
+    if ifs.public is not None:
+        out[ifs.public.device] = tuple(str(ip) for ip in ifs.public.ips)
     return out
 
 
@@ -536,16 +570,18 @@ def render(cfg: RouterConfig, paths: Paths, env: Env) -> Rendered:
     h = hashlib.sha256()
     for k in sorted(vmdata):
         h.update(k.encode() + b"\0" + hashlib.sha256(vmdata[k]).digest())
-    pub = cfg.interfaces.public
+    ifs = cfg.interfaces
     return Rendered(
         tables=render_iptables(cfg),
         files=files,
         vmdata=vmdata,
         vmdata_id=h.hexdigest()[:16],
         addresses=render_addresses(cfg),
-        default_route=(str(pub.gateway), pub.device) if pub.gateway else None,
-        public_ips=tuple(str(ip) for ip in pub.ips),
+        default_route=render_default_route(cfg),
+        public_ips=tuple(str(ip) for ip in ifs.public.ips) if ifs.public else (),
         probe_name=env.router_name,
+        forwarding=ifs.public is not None or ifs.guest.is_gateway,
+        garp=render_garp(cfg),
     )
 
 

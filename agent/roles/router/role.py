@@ -7,6 +7,8 @@ write files, restore the changed tables, reload only the daemons whose files cha
 verify (read back our chains with ``iptables-save``; DNS query, haproxy stats socket, HTTP
 GET, SSH banner) → on any failure put everything back and raise ``ApplyError`` naming the
 failing line. Nothing changed → nothing touched (no restore, no reload, counters kept).
+After a successful apply, addresses just added (and all guest/public ones when the
+config's ``announce`` generation changed) are announced by gratuitous ARP (``garp``).
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.roles.base import ApplyError, LinkDown, RequestFailed, RoleContext
+from agent.roles.router import garp, plan, probes, stats
 from agent.roles.router import iptables as ipt
-from agent.roles.router import plan, probes, stats
 from agent.roles.router.config import ConfigError, RouterConfig, parse
 from agent.roles.router.proc import CommandError, Daemon, kill_group, run, stale_groups
 from agent.roles.router.render import (
@@ -128,6 +130,8 @@ class RouterRole:
         self._lock = asyncio.Lock()
         self._stats_task: asyncio.Task[None] | None = None
         self._stats_wake = asyncio.Event()
+        self._garp_tasks: set[asyncio.Task[None]] = set()  # later rounds of announcements
+        self.garp_sent = 0  # gratuitous ARP frames sent since start
         self.book = self._load_book()
         self.last_error = ""
         self.applies = 0
@@ -206,14 +210,17 @@ class RouterRole:
             "last_apply_seconds": round(self.last_apply_seconds, 4),
             "last_actions": dict(self.last_actions),
             "last_restored": list(self.last_restored),
+            "garp_sent": self.garp_sent,
+            "garp_pending": len(self._garp_tasks),
         }
 
     async def stop(self) -> None:
         task, self._stats_task = self._stats_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        for t in [task, *self._garp_tasks]:
+            if t is not None:
+                t.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
         # Planned stop: account the last counters so nothing is lost.
         if self.cfg is not None:
             with contextlib.suppress(CommandError, OSError):
@@ -297,7 +304,7 @@ class RouterRole:
         try:
             if chains.get("mangle", set()) & STATS_CHAINS:
                 self._stats_before_recount(current)
-            await self._ensure_network(new, snap.rendered)
+            added = await self._ensure_network(new, snap.rendered)
             self._write_files(new, changed)
             self._write_vmdata(new)
             restored.extend(tables)
@@ -315,6 +322,11 @@ class RouterRole:
             raise _Failed(reason) from None
         self.last_actions = actions
         self.last_restored = tuple(restored)
+        old_announce = snap.cfg.announce if snap.cfg is not None else None
+        targets = plan.garp_targets(new.garp, added, old_announce, cfg.announce)
+        if targets:
+            bumped = old_announce is not None and old_announce != cfg.announce
+            self._announce(targets, "announce" if bumped else "new_addresses")
 
     async def _iptables_save(self, table: str | None = None, *, counters: bool = True) -> str:
         argv = ["iptables-save"] + (["-c"] if counters else []) + (["-t", table] if table else [])
@@ -432,7 +444,9 @@ class RouterRole:
             if p.name not in keep:
                 shutil.rmtree(p, ignore_errors=True)
 
-    async def _ensure_network(self, new: Rendered, old: Rendered | None) -> None:
+    async def _ensure_network(self, new: Rendered, old: Rendered | None) -> dict[str, set[str]]:
+        """Links up, exactly the rendered addresses, the default route, ip_forward;
+        returns the addresses added (device -> ``ip/prefix``)."""
         out = await run(["ip", "-j", "addr", "show"], limit=self.timeout)
         current: dict[str, set[str]] = {}
         up: dict[str, bool] = {}
@@ -449,6 +463,7 @@ class RouterRole:
                 raise _Failed(f"interface {dev} does not exist")
         cmds = [f"link set dev {dev} up" for dev in sorted(new.addresses) if not up.get(dev)]
         cmds += plan.address_commands(new.addresses, current)
+        added = plan.added_addresses(new.addresses, current)
         if new.default_route is not None:
             gw, dev = new.default_route
             r = await run(["ip", "-j", "route", "show", "default"], limit=self.timeout)
@@ -459,7 +474,40 @@ class RouterRole:
             await run(
                 ["ip", "-batch", "-"], input=("\n".join(cmds) + "\n").encode(), limit=self.timeout
             )
-        _enable_forwarding()
+        _set_forwarding(new.forwarding)
+        return added
+
+    # --- gratuitous ARP ------------------------------------------------------------
+
+    def _announce(self, targets: Mapping[str, tuple[str, ...]], reason: str) -> None:
+        """First round now, the others (``garp.SCHEDULE``) from a task the role owns."""
+        log.info(
+            "event=router_announce reason=%s devices=%s addresses=%s",
+            reason,
+            ",".join(sorted(targets)),
+            sum(len(v) for v in targets.values()),
+        )
+        t0 = asyncio.get_running_loop().time()
+        self._garp_round(targets)
+        if len(garp.SCHEDULE) > 1:
+            task = asyncio.create_task(self._garp_later(targets, t0), name="router-garp")
+            self._garp_tasks.add(task)
+            task.add_done_callback(self._garp_tasks.discard)
+
+    async def _garp_later(self, targets: Mapping[str, tuple[str, ...]], t0: float) -> None:
+        loop = asyncio.get_running_loop()
+        for at in garp.SCHEDULE[1:]:
+            await asyncio.sleep(max(0.0, t0 + at - loop.time()))
+            self._garp_round(targets)
+
+    def _garp_round(self, targets: Mapping[str, tuple[str, ...]]) -> None:
+        """Never raises: a router that cannot announce still works (peers learn the new
+        MAC when their entries expire)."""
+        for dev, ips in sorted(targets.items()):
+            try:
+                self.garp_sent += garp.send(dev, ips)
+            except Exception as e:  # OSError, ValueError (no MAC); not CancelledError
+                log.warning("event=router_garp_failed dev=%s error=%s", dev, e)
 
     def _running(self) -> set[str]:
         return {n for n, d in self.daemons.items() if d.running()}
@@ -485,16 +533,16 @@ class RouterRole:
     async def _probe(self, name: str) -> str:
         cfg = self.cfg
         assert cfg is not None
-        gw = str(cfg.interfaces.guest.gateway)
+        me = str(cfg.interfaces.guest.address)  # where dnsmasq and apache listen
         if name == "dnsmasq":
-            ans = await probes.resolve(gw, self.env.router_name)
-            if gw not in ans:
+            ans = await probes.resolve(me, self.env.router_name)
+            if me not in ans:
                 raise probes.ProbeError(f"dnsmasq answered {ans} for {self.env.router_name}")
             return "ok"
         if name == "haproxy":
             return (await probes.haproxy_info(self.paths.haproxy_sock))["Pid"]
         if name == "apache":
-            code, _ = await probes.http_get(gw, 80, "/sysvm-health")
+            code, _ = await probes.http_get(me, 80, "/sysvm-health")
             if code != 200:
                 raise probes.ProbeError(f"apache health answered HTTP {code}")
             return "ok"
@@ -725,10 +773,11 @@ def _explain_restore(inp: RestoreInput, e: CommandError) -> str:
     return f"iptables-restore ({table}) failed at line {line_no}: {rule!r}{src}: {first}"
 
 
-def _enable_forwarding() -> None:
+def _set_forwarding(on: bool) -> None:
     fwd = Path("/proc/sys/net/ipv4/ip_forward")  # per network namespace
-    if fwd.read_text().strip() != "1":
-        fwd.write_text("1\n")
+    want = "1" if on else "0"
+    if fwd.read_text().strip() != want:
+        fwd.write_text(want + "\n")
 
 
 def _read(path: Path) -> bytes | None:

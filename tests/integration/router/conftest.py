@@ -4,7 +4,15 @@ the role running in the VR's namespace (``harness.py``) with its real daemons.
     public client (pc) 198.51.100.1 ── pub0 [VR] gst0 ── bridge (sw) ── g1, g2 (DHCP)
     management (mg) 169.254.0.1 ── ctl0 169.254.0.10 (the control NIC)
 
-Everything is named with the per-run prefix + "r" and removed at teardown, even on failure.
+``shared_topo``: a Shared network's router (no public NIC, not the gateway)::
+
+    [VR] gst0 10.12.0.10 ── bridge (sw) ── g1, g2 (DHCP)
+                                      └─── gateway (gw) 10.12.0.1, and behind it on its
+                                           loopback 100.64.12.1 (an "upstream" DNS + HTTP)
+    management (mg) 169.254.0.1 ── ctl0 169.254.0.10
+
+Everything is named with the per-run prefix + "r" ("rs" for the shared one) and removed
+at teardown, even on failure.
 """
 
 from __future__ import annotations
@@ -41,6 +49,48 @@ CTL_IP = "169.254.0.10"
 MGMT_IP = "169.254.0.1"
 NAMESPACES = ("vr", "pc", "sw", "g1", "g2", "mg")
 DOMAIN = "test.internal"
+
+# The Shared network: the provider's gateway is not the router.
+SH_GW = "10.12.0.1"
+SH_ME = "10.12.0.10"  # the router's own address in the range
+SH_CIDR = "10.12.0.0/24"
+S1 = ("02:00:0a:0c:00:05", "10.12.0.5", "s1")
+S2 = ("02:00:0a:0c:00:06", "10.12.0.6", "s2")
+BEHIND = "100.64.12.1"  # an address reachable only through the gateway
+SHARED_NAMESPACES = ("vr", "sw", "g1", "g2", "gw", "mg")
+
+
+def shared_config() -> dict[str, Any]:
+    """What the manager renders for a Shared network's router: no public side at all."""
+    return {
+        "router": {
+            "interfaces": {
+                "control": {"device": "ctl0", "ip": CTL_IP, "prefix": 16},
+                "guest": {"device": "gst0", "gateway": SH_GW, "cidr": SH_CIDR, "address": SH_ME},
+            },
+            "domain": DOMAIN,
+            "dns_servers": [BEHIND],
+            "egress": {"default": "allow", "rules": []},
+            "firewall": [],
+            "port_forwarding": [],
+            "static_nat": [],
+            "load_balancers": [],
+            "dhcp": [{"mac": m, "ip": ip, "hostname": h} for m, ip, h in (S1, S2)],
+            "vm_data": [
+                {
+                    "guest_ip": S1[1],
+                    "user_data": base64.b64encode(b"#cloud-config\nhostname: s1\n").decode(),
+                    "meta_data": {"instance-id": "i-s1"},
+                },
+                {
+                    "guest_ip": S2[1],
+                    "user_data": base64.b64encode(b"s2 data").decode(),
+                    "meta_data": {"instance-id": "i-s2"},
+                },
+            ],
+            "stats": {"interval": 0},
+        }
+    }
 
 
 def base_config() -> dict[str, Any]:
@@ -127,6 +177,7 @@ class Topology:
     prefix: str
     tmp: Path
     procs: list[asyncio.subprocess.Process] = field(default_factory=list)
+    namespaces: tuple[str, ...] = NAMESPACES
 
     def ns(self, name: str) -> str:
         return f"{self.prefix}-{name}"
@@ -202,6 +253,37 @@ async def _build(prefix: str, tmp: Path) -> Topology:
     return t
 
 
+async def _build_shared(prefix: str, tmp: Path) -> Topology:
+    t = Topology(prefix=prefix, tmp=tmp, namespaces=SHARED_NAMESPACES)
+    for n in t.namespaces:
+        await sh("ip", "netns", "add", t.ns(n))
+    batch = [
+        f"link add gst0 netns {t.ns('vr')} type veth peer name p-vr netns {t.ns('sw')}",
+        f"link add eth0 netns {t.ns('g1')} address {S1[0]} type veth"
+        f" peer name p-g1 netns {t.ns('sw')}",
+        f"link add eth0 netns {t.ns('g2')} address {S2[0]} type veth"
+        f" peer name p-g2 netns {t.ns('sw')}",
+        f"link add eth0 netns {t.ns('gw')} type veth peer name p-gw netns {t.ns('sw')}",
+        f"link add ctl0 netns {t.ns('vr')} type veth peer name eth0 netns {t.ns('mg')}",
+    ]
+    for line in batch:
+        await sh("ip", *line.split())
+    await t.x("mg", "ip", "addr", "add", f"{MGMT_IP}/16", "dev", "eth0")
+    await t.x("mg", "ip", "link", "set", "eth0", "up")
+    await t.x("vr", "ip", "link", "set", "lo", "up")
+    await t.x("sw", "ip", "link", "add", "br0", "type", "bridge")
+    await t.x("sw", "ip", "link", "set", "br0", "up")
+    for dev in ("p-vr", "p-g1", "p-g2", "p-gw"):
+        await t.x("sw", "ip", "link", "set", dev, "master", "br0")
+        await t.x("sw", "ip", "link", "set", dev, "up")
+    await t.x("gw", "ip", "addr", "add", f"{SH_GW}/24", "dev", "eth0")
+    await t.x("gw", "ip", "addr", "add", f"{BEHIND}/32", "dev", "lo")
+    for ns in ("gw", "g1", "g2"):
+        await t.x(ns, "ip", "link", "set", "eth0", "up")
+        await t.x(ns, "ip", "link", "set", "lo", "up")
+    return t
+
+
 async def _teardown(t: Topology) -> None:
     for p in t.procs:
         if p.returncode is None:
@@ -210,7 +292,7 @@ async def _teardown(t: Topology) -> None:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(5):
                 await p.wait()
-    for n in NAMESPACES:
+    for n in t.namespaces:
         # Kill anything left in the namespace (daemons of a hard-killed harness).
         pids = await sh("ip", "netns", "pids", t.ns(n), check=False)
         for pid in pids.split():
@@ -219,28 +301,43 @@ async def _teardown(t: Topology) -> None:
         await sh("ip", "netns", "del", t.ns(n), check=False)
 
 
-@pytest.fixture
-async def topo(netns_prefix: str) -> AsyncIterator[Topology]:
+@contextlib.asynccontextmanager
+async def _topology(
+    prefix: str,
+    build: Callable[[str, Path], Awaitable[Topology]],
+    namespaces: tuple[str, ...],
+) -> AsyncIterator[Topology]:
     for tool in ("busybox", "dnsmasq", "haproxy", "apache2", "dig", "curl", "ssh"):
         if shutil.which(tool) is None:  # fail loudly, never skip
             raise RuntimeError(
                 f"{tool} missing: apt-get install busybox dnsmasq haproxy "
                 "apache2 openssh-server openssh-client bind9-dnsutils curl"
             )
-    prefix = f"{netns_prefix}r"
     tmp = Path(tempfile.mkdtemp(prefix=f"sysvm-{prefix}-", dir="/run"))
     os.chmod(tmp, 0o755)
     t: Topology | None = None
     try:
-        t = await _build(prefix, tmp)
+        t = await build(prefix, tmp)
         yield t
     finally:
         if t is not None:
             await _teardown(t)
         else:
-            for n in NAMESPACES:
+            for n in namespaces:
                 await sh("ip", "netns", "del", f"{prefix}-{n}", check=False)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture
+async def topo(netns_prefix: str) -> AsyncIterator[Topology]:
+    async with _topology(f"{netns_prefix}r", _build, NAMESPACES) as t:
+        yield t
+
+
+@pytest.fixture
+async def shared_topo(netns_prefix: str) -> AsyncIterator[Topology]:
+    async with _topology(f"{netns_prefix}rs", _build_shared, SHARED_NAMESPACES) as t:
+        yield t
 
 
 class Harness:
