@@ -69,6 +69,8 @@ async def add_guest_nic(
         for p in await ns.list_public_ips(tx, network_id=network_id)
         if p.static_nat_ip
     }
+    if network.router_ip:  # a Shared network's router holds this one
+        used.add(network.router_ip)
     if ip is not None:
         addr = guest_ip_in(network.cidr, ip, "ipaddress")
         if addr == network.gateway or addr in used:

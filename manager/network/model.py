@@ -31,6 +31,22 @@ DEFAULT_ROUTER_OFFERING = "System Offering For Software Router"
 
 # Where a router's NICs are, in boot order (the hypervisor names them eth0, eth1, ...).
 ROUTER_DEVICES = {"control": "eth0", "public": "eth1", "guest": "eth2"}
+# A Shared network's router has no public side: the network's gateway is someone else's.
+SHARED_ROUTER_DEVICES = {"control": "eth0", "guest": "eth1"}
+# The services a virtual router provides on a Shared network (CloudStack's VirtualRouter
+# provider there): a Shared network whose offering has none of them gets no router.
+SHARED_ROUTER_SERVICES = ("Dhcp", "Dns", "UserData")
+
+
+def needs_router(guest_type: str, services: tuple[str, ...]) -> bool:
+    """Whether a network of this type and offering is served by a virtual router."""
+    if guest_type == ISOLATED:
+        return True
+    return any(s in services for s in SHARED_ROUTER_SERVICES)
+
+
+def router_devices(guest_type: str) -> dict[str, str]:
+    return dict(ROUTER_DEVICES if guest_type == ISOLATED else SHARED_ROUTER_DEVICES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +96,7 @@ class Network:
     vlan: str | None
     account_id: str
     created: float
+    router_ip: str | None = None  # Shared: the router's address on it; None: the gateway
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +185,7 @@ class RouterNics:
     control_ip: str | None
     control_prefix: int = 16
     devices: dict[str, str] = field(default_factory=lambda: dict(ROUTER_DEVICES))
+    announce: int = 0  # bumped to make the router re-announce its addresses (GARP)
 
 
 @dataclass(frozen=True, slots=True)

@@ -62,16 +62,29 @@ def render_router(state: NetworkState, nics: RouterNics, stats_interval: float) 
     cidr = ipaddress.IPv4Network(net.cidr)
     public_net = ipaddress.IPv4Network(state.public_cidr, strict=False)
 
-    interfaces: dict[str, Any] = {
-        "public": {
+    # A router without a public NIC (Shared networks) serves DHCP, DNS and userdata only:
+    # nothing hangs off public IPs, and it holds its own address, not the gateway.
+    has_public = "public" in nics.devices
+    guest: dict[str, Any] = {
+        "device": nics.devices["guest"],
+        "gateway": net.gateway,
+        "cidr": str(cidr),
+    }
+    if net.router_ip and net.router_ip != net.gateway:
+        guest["address"] = net.router_ip
+    interfaces: dict[str, Any] = {}
+    if has_public:
+        interfaces["public"] = {
             "device": nics.devices["public"],
             "ips": [p.address for p in ips],
             "prefix": public_net.prefixlen,
-        },
-        "guest": {"device": nics.devices["guest"], "gateway": net.gateway, "cidr": str(cidr)},
-    }
-    if state.public_gateway:
-        interfaces["public"]["gateway"] = state.public_gateway
+        }
+        if state.public_gateway:
+            interfaces["public"]["gateway"] = state.public_gateway
+    else:
+        ips, by_id = [], {}
+        services -= {"Firewall", "PortForwarding", "StaticNat", "SourceNat", "Lb"}
+    interfaces["guest"] = guest
     if nics.control_ip:
         interfaces["control"] = {
             "device": nics.devices["control"],
@@ -165,4 +178,6 @@ def render_router(state: NetworkState, nics: RouterNics, stats_interval: float) 
         out["domain"] = net.network_domain
     if source_nat is not None and "SourceNat" in services:
         out["source_nat"] = source_nat
+    if nics.announce:
+        out["announce"] = nics.announce
     return out

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import importlib
 import ipaddress
+import json
 import logging
 from typing import Any, Protocol
 
 from manager.api.responses import INTERNAL_ERROR, ApiError
 from manager.network import ipam
 from manager.network import store as ns
-from manager.network.model import ROUTER_DEVICES, Network
+from manager.network.model import ISOLATED, Network, router_devices
 from manager.network.runtime import RUNTIME, changed, wait_applied
 from manager.store.base import Role, SystemVm, VmState
 
@@ -102,9 +103,30 @@ async def nic_plan(store: Any, router_id: str) -> list[dict[str, Any]]:
     public = ipaddress.IPv4Network(zone.public_cidr, strict=False)
     control = ipaddress.IPv4Network(zone.linklocal_cidr, strict=False)
     guest = ipaddress.IPv4Network(net.cidr)
+    control_nic = {
+        "kind": "control",
+        "address": f"{vm.linklocal_ip}/{control.prefixlen}",
+        "gateway": None,
+        "default_route": False,
+        "network_id": None,
+    }
+    if net.guest_type != ISOLATED:
+        # Shared: no public NIC; the router holds its own address and the network's gateway
+        # is upstream, carrying the router's default route (its DNS forwarding goes there).
+        own = net.router_ip or net.gateway
+        upstream = net.gateway if own != net.gateway else None
+        return [
+            control_nic,
+            {
+                "kind": "guest",
+                "address": f"{own}/{guest.prefixlen}",
+                "gateway": upstream,
+                "default_route": upstream is not None,
+                "network_id": net.id,
+            },
+        ]
     return [
-        {"kind": "control", "address": f"{vm.linklocal_ip}/{control.prefixlen}",
-         "gateway": None, "default_route": False, "network_id": None},
+        control_nic,
         {"kind": "public", "address": f"{vm.public_ip}/{public.prefixlen}",
          "gateway": ipam.public_gateway(zone.public_cidr), "default_route": True,
          "network_id": None},
@@ -143,13 +165,16 @@ async def create_router(tx: Any, network: Network, source_nat: str | None, now: 
         host_id=host_id,
         details={
             "network_id": network.id,
-            "nics": dict(ROUTER_DEVICES),
+            "nics": router_devices(network.guest_type),
             "service_offering_id": network.service_offering_id,
         },
     )
     control_ip = control_address(zone[0]["linklocal_cidr"], vm.seq)
     await tx.update_system_vm(
-        vm.id, linklocal_ip=control_ip, public_ip=source_nat, private_ip=network.gateway
+        vm.id,
+        linklocal_ip=control_ip,
+        public_ip=source_nat,
+        private_ip=network.router_ip or network.gateway,
     )
     await ns.attach_router(tx, vm.id, network.id, now)
     log.info("event=router_created router=%s network=%s", vm.name, network.id)
@@ -269,7 +294,30 @@ async def replace(ctx: Any, network_id: str) -> SystemVm:
         except ApiError as e:
             log.warning("event=router_stop_failed router=%s error=%s", rid, e.text)
         await destroy(ctx, rid)
+    if old:
+        await announce(ctx, new.id, network_id)
     log.info(
         "event=network_routers_replaced network=%s new=%s old=%d", network_id, new.name, len(old)
     )
     return await _vm(ctx, new.id)
+
+
+async def announce(ctx: Any, router_id: str, network_id: str) -> None:
+    """Makes the router announce its guest and public addresses (gratuitous ARP), through
+    its desired config: after a replacement the old router held the same addresses, and
+    guests and the upstream would keep sending to its MAC until their ARP entries expire.
+    Best effort: a router that does not acknowledge in time keeps serving all the same."""
+    async with ctx.store.transaction() as tx:
+        rows = await tx.fetchall("SELECT details FROM system_vms WHERE id = ?", (router_id,))
+        if not rows:
+            return
+        raw = rows[0]["details"]
+        loaded = json.loads(raw or "{}") if isinstance(raw, str) else raw
+        details = dict(loaded) if isinstance(loaded, dict) else {}
+        details["announce"] = int(details.get("announce") or 0) + 1
+        await tx.update_system_vm(router_id, details=details)
+        versions = await changed(tx, network_id, only=[router_id])
+    try:
+        await wait_applied(ctx.store, versions)
+    except ApiError as e:
+        log.warning("event=router_announce_failed router=%s error=%s", router_id, e.text)

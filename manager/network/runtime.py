@@ -77,15 +77,24 @@ async def router_nics(q: ns.Reader, router_id: str) -> RouterNics:
     details = rows[0]["details"]
     if isinstance(details, str):
         details = json.loads(details or "{}")
-    devices = dict(ROUTER_DEVICES)
-    if isinstance(details, Mapping) and isinstance(details.get("nics"), Mapping):
-        devices.update({str(k): str(v) for k, v in details["nics"].items()})
+    if not isinstance(details, Mapping):
+        details = {}
+    nics = details.get("nics")
+    # The router's record lists its devices (a Shared network's router has no public
+    # one); records from before that list existed had all three.
+    devices = (
+        {str(k): str(v) for k, v in nics.items()}
+        if isinstance(nics, Mapping) and nics
+        else dict(ROUTER_DEVICES)
+    )
+    announce = details.get("announce")
     cidr = rows[0]["linklocal_cidr"] or "169.254.0.0/16"
     return RouterNics(
         router_id=router_id,
         control_ip=rows[0]["linklocal_ip"],
         control_prefix=ipaddress.IPv4Network(cidr, strict=False).prefixlen,
         devices=devices,
+        announce=announce if isinstance(announce, int) and announce > 0 else 0,
     )
 
 

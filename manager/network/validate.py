@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from manager.network.model import FirewallRule, LbRule, PortForwardingRule
+from manager.network.model import FirewallRule, LbRule, PortForwardingRule, needs_router
 
 PROTOCOLS = ("tcp", "udp", "icmp", "all")
 MAX_CIDRS = 64
@@ -357,6 +357,16 @@ def offering_change(
         raise NetError(
             f"network {network_name} is {guest_type}: offering {new_name} is for "
             f"{new_guest_type} networks"
+        )
+    had, has = (
+        needs_router(guest_type, tuple(old_services)),
+        needs_router(guest_type, tuple(new_services)),
+    )
+    if had != has:
+        what = "adds a virtual router to" if has else "takes the virtual router away from"
+        raise NetError(
+            f"network offering {new_name} {what} network {network_name} "
+            "(Dhcp, Dns and UserData come from it); create a new network instead"
         )
     dropped = [s for s in old_services if s not in new_services and in_use.get(s)]
     if dropped:

@@ -31,19 +31,21 @@ Finally ``deleteNetwork`` destroys the router and its guest bridge goes with it.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import os
 import signal
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cs import CloudStack
+from cs import CloudStack, CloudStackApiException
 
 from manager.hypervisor.base import bridge_name, guest_bridge_name, netns_name, veth_name
 from manager.hypervisor.cleanup import cleanup_all
@@ -135,6 +137,15 @@ class Api:
         r: dict[str, Any] = (await self.call("listRouters", id=router_id))["router"][0]
         return r
 
+    async def running(self, router_id: str, mlog: Path) -> dict[str, Any] | None:
+        """The router once Running, connected and on its desired config; fails at once if
+        the manager logged that a router refused its config."""
+        failed = [ln for ln in read(mlog).splitlines() if "event=router_apply_failed" in ln]
+        assert not failed, f"the router refused its config: {failed[-1]}"
+        r = await self.router(router_id)
+        up = r["state"] == "Running" and r["agentstate"] == "Up"
+        return r if up and r["appliedversion"] == r["desiredversion"] >= 1 else None
+
 
 class Topology:
     """The namespaces around the router and the way to check its traffic."""
@@ -180,6 +191,11 @@ class Topology:
                                             f"http://{gateway}/latest/meta-data/local-hostname"),
              name),
         ]  # fmt: skip
+        return await self.check(checks)
+
+    async def check(self, checks: list[tuple[str, Callable[[], Any], str]]) -> bool:
+        """Each ``(what, fn, want)``: ``await fn() == want``; False (and ``last_error``) on
+        the first that does not hold yet."""
         for what, fn, want in checks:
             try:
                 got = await fn()
@@ -224,15 +240,46 @@ async def addresses(home: Path, vm_id: str) -> dict[str, list[str]]:
     }
 
 
-@pytest.mark.parametrize("host_prefix", ["r"], indirect=True)
-async def test_router_from_image_serves_and_survives_reboots(
-    tmp_path: Path, host_prefix: str, sysvm_image: Path, free_port: Callable[[], int]
-) -> None:
+async def macs(home: Path, vm_id: str) -> dict[str, str]:
+    out = json.loads(await in_vm(home, vm_id, "ip", "-j", "link", "show"))
+    return {i["ifname"]: i.get("address", "") for i in out}
+
+
+async def neighbour(ns: str, ip: str, want: str | None = None) -> str | bool:
+    """The MAC ``ns`` has for ``ip`` in its ARP cache ("" if none); with ``want``: whether
+    it is that one."""
+    out = json.loads(await sh("ip", "-n", ns, "-j", "neigh", "show", ip) or "[]")
+    mac = str(out[0].get("lladdr", "")) if out else ""
+    return mac == want if want is not None else mac
+
+
+@dataclasses.dataclass
+class Zone:
+    """A running manager whose zone has this run's control and public networks."""
+
+    api: Api
+    home: Path
+    mlog: Path
+    public: ipaddress.IPv4Network
+    agent_port: int
+
+
+@contextlib.asynccontextmanager
+async def zone_manager(
+    tmp_path: Path,
+    host_prefix: str,
+    sysvm_image: Path,
+    api_port: int,
+    timings: dict[str, float],
+    on_exit: list[Callable[[], Awaitable[Any]]],
+) -> AsyncIterator[Zone]:
+    """A real ``sysvm-manager`` (lifecycle loop on, the image in nspawn) with this run's
+    zone networks; on exit (``on_exit`` first, e.g. the test's namespaces) it is stopped
+    with SIGTERM, must exit 0 and leave no process, mount, namespace or VM port behind."""
     control_cidr, public_cidr = zone_networks()
     control = ipaddress.ip_network(control_cidr)
-    public = ipaddress.ip_network(public_cidr)
     host_ip = str(control.network_address + 1)
-    api_port, agent_port = free_port(), free_port_any()
+    agent_port = free_port_any()
     home = tmp_path / "home"
     mlog = tmp_path / "manager.log"
     env = {
@@ -245,10 +292,7 @@ async def test_router_from_image_serves_and_survives_reboots(
     }
     env.pop("SYSVM_LIFECYCLE", None)
     argv = manager_argv(home, api_port, agent_port)
-    topo = Topology(host_prefix, tmp_path)
-    block: list[str] = []  # the host firewall rule of step (a), while it is in place
     mgr: asyncio.subprocess.Process | None = None
-    timings: dict[str, float] = {}
     try:
         # first start without the loop: bootstrap, then give the zone this run's networks
         mgr = await start_manager(argv, mlog, env)
@@ -261,12 +305,10 @@ async def test_router_from_image_serves_and_survives_reboots(
         mark = len(read(mlog))
         mgr = await start_manager(argv, mlog, {**env, "SYSVM_LIFECYCLE": "on"})
         await wait_for(lambda: "event=manager_ready" in read(mlog)[mark:], 30, "manager ready")
-        api = Api(home)
-        await _scenario(api, home, mlog, host_prefix, topo, block, public, agent_port, timings)
+        yield Zone(Api(home), home, mlog, ipaddress.ip_network(public_cidr), agent_port)
     finally:
-        if block:
-            await sh("iptables", "-w", "10", "-D", *block, check=False)
-        await topo.close()
+        for fn in on_exit:
+            await fn()
         if mgr is not None and mgr.returncode is None:
             mgr.terminate()
             await asyncio.wait_for(mgr.wait(), 90)
@@ -278,6 +320,24 @@ async def test_router_from_image_serves_and_survives_reboots(
     rep = await cleanup_all(host_prefix)
     assert rep.processes == [] and rep.mounts == [] and rep.netns == [], rep
     assert all(x[len(host_prefix)] == "b" for x in rep.links), rep
+
+
+@pytest.mark.parametrize("host_prefix", ["r"], indirect=True)
+async def test_router_from_image_serves_and_survives_reboots(
+    tmp_path: Path, host_prefix: str, sysvm_image: Path, free_port: Callable[[], int]
+) -> None:
+    topo = Topology(host_prefix, tmp_path)
+    block: list[str] = []  # the host firewall rule of step (a), while it is in place
+    timings: dict[str, float] = {}
+
+    async def unblock() -> None:
+        if block:
+            await sh("iptables", "-w", "10", "-D", *block, check=False)
+
+    async with zone_manager(tmp_path, host_prefix, sysvm_image, free_port(), timings,
+                            [unblock, topo.close]) as z:  # fmt: skip
+        await _scenario(z.api, z.home, z.mlog, host_prefix, topo, block, z.public,
+                        z.agent_port, timings)  # fmt: skip
 
 
 async def _scenario(
@@ -307,12 +367,8 @@ async def _scenario(
     assert len(routers) == 1
     rid = routers[0]["id"]
 
-    async def router_running() -> dict[str, Any] | None:
-        failed = [ln for ln in read(mlog).splitlines() if "event=router_apply_failed" in ln]
-        assert not failed, f"the router refused its config: {failed[-1]}"
-        r = await api.router(rid)
-        up = r["state"] == "Running" and r["agentstate"] == "Up"
-        return r if up and r["appliedversion"] == r["desiredversion"] >= 1 else None
+    def router_running() -> Awaitable[dict[str, Any] | None]:
+        return api.running(rid, mlog)
 
     router = await wait_for(router_running, BOOT_TIMEOUT, "the network's router Running")
     timings["createNetwork -> router Running"] = time.monotonic() - t0
@@ -484,6 +540,33 @@ async def _scenario(
     lease = await topo.dhcp()
     assert lease["ip"] == guest[1], lease
 
+    # ---- (d) restartNetwork cleanup=true: a new router takes over the same addresses and
+    # announces them, so the guest and the public client switch to it at once instead of
+    # black-holing traffic until their ARP entries for the old router expire
+    old_macs = await macs(home, rid)
+    await serving("the router to serve before its replacement")  # fills both ARP caches
+    assert await neighbour(topo.guest_ns, gateway) == old_macs["eth2"]
+    assert await neighbour(topo.public_ns, forward_ip) == old_macs["eth1"]
+    t0 = time.monotonic()
+    await api.job("restartNetwork", id=net["id"], cleanup="true")
+    timings["(d) restartNetwork cleanup=true"] = time.monotonic() - t0
+    routers = (await api.call("listRouters", networkid=net["id"]))["router"]
+    live = [r for r in routers if r["state"] != "Destroyed"]
+    assert len(live) == 1 and live[0]["id"] != rid, routers
+    assert (await api.router(rid))["state"] == "Destroyed"
+    rid = live[0]["id"]
+    new_macs = await macs(home, rid)
+    assert new_macs["eth2"] != old_macs["eth2"]
+    t1 = time.monotonic()
+    await wait_for(lambda: neighbour(topo.guest_ns, gateway, new_macs["eth2"]), 5,
+                   "the guest's ARP entry for its gateway to name the new router")  # fmt: skip
+    await wait_for(lambda: neighbour(topo.public_ns, forward_ip, new_macs["eth1"]), 5,
+                   "the public client's ARP entry to name the new router")  # fmt: skip
+    timings["(d) ARP entries on the new router"] = time.monotonic() - t1
+    await serving("the new router to serve", timeout=10)
+    timings["(d) job done -> serving"] = time.monotonic() - t1
+    netns_path = Path("/run/netns") / netns_name(prefix, rid)
+
     # ---- deleteNetwork: the router is destroyed, its guest bridge goes with it (the guest
     # namespace's port is no VM's port: it does not keep the bridge)
     await api.job("destroyVirtualMachine", id=vm["id"])
@@ -492,3 +575,148 @@ async def _scenario(
     assert not Path(f"/sys/class/net/{guest_bridge}").exists()
     assert not netns_path.exists()
     timings["total"] = time.monotonic() - t_all
+
+
+@pytest.mark.parametrize("host_prefix", ["h"], indirect=True)
+async def test_shared_network_router_from_image(
+    tmp_path: Path, host_prefix: str, sysvm_image: Path, free_port: Callable[[], int]
+) -> None:
+    """A Shared network (its gateway is the provider's router, played by a namespace) gets
+    a router with no public NIC that serves DHCP, DNS and userdata from its own address,
+    routes nothing, and keeps doing so across a reboot and a rolling replacement."""
+    topo = Topology(host_prefix, tmp_path)
+    upstream_ns = f"{host_prefix}-up"
+    timings: dict[str, float] = {}
+
+    async def close() -> None:
+        await topo.close()
+        await delete_netns(upstream_ns)
+
+    async with zone_manager(tmp_path, host_prefix, sysvm_image, free_port(), timings,
+                            [close]) as z:  # fmt: skip
+        await _shared_scenario(z, host_prefix, topo, upstream_ns, timings)
+
+
+async def _shared_scenario(
+    z: Zone, prefix: str, topo: Topology, upstream_ns: str, timings: dict[str, float]
+) -> None:
+    api, home, mlog = z.api, z.home, z.mlog
+    pid = os.getpid()
+    cidr = ipaddress.ip_network(f"10.{100 + pid % 50}.{pid % 250}.0/24")
+    gateway, router_ip = str(cidr.network_address + 1), str(cidr.network_address + 10)
+    domain = "shared.internal"
+    zone = (await api.call("listZones"))["zone"][0]
+    offering = (await api.call("listNetworkOfferings", name="DefaultSharedNetworkOffering"))[
+        "networkoffering"
+    ][0]
+    t0 = time.monotonic()
+    net = (
+        await api.call("createNetwork", name="lan", displaytext="lan", zoneid=zone["id"],
+                       networkofferingid=offering["id"], gateway=gateway,
+                       netmask=str(cidr.netmask), startip=router_ip,
+                       endip=str(cidr.network_address + 50), vlan="300", networkdomain=domain)
+    )["network"]  # fmt: skip
+    rid = (await api.call("listRouters", networkid=net["id"]))["router"][0]["id"]
+
+    def router_running() -> Awaitable[dict[str, Any] | None]:
+        return api.running(rid, mlog)
+
+    router = await wait_for(router_running, BOOT_TIMEOUT, "the shared network's router Running")
+    timings["createNetwork -> router Running"] = time.monotonic() - t0
+    assert router["guestipaddress"] == router_ip and "publicip" not in router, router
+    # two NICs: control and guest (its own address, not the gateway); default route upstream
+    addrs = await addresses(home, rid)
+    assert addrs["eth0"] == [f"{router['linklocalip']}/24"], addrs
+    assert addrs["eth1"] == [f"{router_ip}/{cidr.prefixlen}"] and "eth2" not in addrs, addrs
+    route = await in_vm(home, rid, "ip", "-4", "route", "show", "default")
+    assert f"via {gateway} dev eth1" in route, route
+    boot = json.loads(await in_vm(home, rid, "cat", "/etc/sysvm/bootdata.json"))
+    assert [(n["name"], n["kind"]) for n in boot["extra"]["nics"]] == [
+        ("eth0", "control"), ("eth1", "guest")]  # fmt: skip
+    # it routes and translates nothing
+    nat = await in_vm(home, rid, "iptables-save", "-t", "nat")
+    assert "DNAT" not in nat and "SNAT" not in nat and "MASQUERADE" not in nat, nat
+
+    # a guest VM with userdata, and the provider's router holding the gateway address
+    userdata = base64.b64encode(b"#cloud-config\nhostname: web1\n").decode()
+    vm = (await api.job("deployVirtualMachine", zoneid=zone["id"], networkids=net["id"],
+                        name="web1", userdata=userdata))["virtualmachine"]  # fmt: skip
+    nic = vm["nic"][0]
+    assert nic["ipaddress"] == str(cidr.network_address + 11), nic  # the router has .10
+    guest_bridge = guest_bridge_name(prefix, net["id"])
+    await netns_on_bridge(topo.guest_ns, f"{prefix}xg", guest_bridge, mac=nic["macaddress"])
+    await netns_on_bridge(upstream_ns, f"{prefix}xu", guest_bridge,
+                          address=f"{gateway}/{cidr.prefixlen}")  # fmt: skip
+    topo.procs.append(await spawn_in_netns(upstream_ns, "python3", "-c", SERVER, "upstream",
+                                           gateway, str(CLIENT_PORT)))  # fmt: skip
+
+    async def serves() -> bool:
+        checks: list[tuple[str, Callable[[], Any], str]] = [
+            ("dns", lambda: topo.dig(router_ip, f"web1.{domain}"), nic["ipaddress"]),
+            ("meta-data", lambda: topo.curl(
+                topo.guest_ns, f"http://{router_ip}/latest/meta-data/local-hostname"), "web1"),
+            ("user-data", lambda: topo.curl(topo.guest_ns, f"http://{router_ip}/latest/user-data"),
+             "#cloud-config\nhostname: web1\n"),
+        ]  # fmt: skip
+        return await topo.check(checks)
+
+    async def serving(what: str, timeout: float = 60) -> None:
+        try:
+            await wait_for(serves, timeout, what, interval=0.2)
+        except AssertionError as e:
+            raise AssertionError(f"{e}: {topo.last_error}") from None
+
+    async def leased() -> None:
+        lease = await topo.dhcp()
+        # the guest's gateway is the provider's; its DNS server is the router
+        assert lease["ip"] == nic["ipaddress"] and lease["router"] == gateway, lease
+        assert lease["dns"] == router_ip and lease["domain"] == domain, lease
+
+    await leased()
+    await serving("the shared network's router to serve DNS and userdata")
+    timings["first answers"] = time.monotonic() - t0
+    # the guest's traffic goes straight to the provider's router, untouched by ours
+    out = await topo.curl(topo.guest_ns, f"http://{gateway}:{CLIENT_PORT}/")
+    assert out == f"upstream {nic['ipaddress']}\n", out
+    # nothing that needs a public side is accepted
+    with pytest.raises(CloudStackApiException) as e:
+        await api.call("associateIpAddress", networkid=net["id"])
+    assert e.value.error["errorcode"] == 431, e.value.error
+
+    # ---- a reboot from inside: it serves again from its own disk
+    leader = run_json(home, rid)["leader"]
+    t0 = time.monotonic()
+    await in_vm(home, rid, "systemctl", "reboot", check=False)
+    await wait_for(lambda: run_json(home, rid).get("leader") not in (None, leader), 60,
+                   "the router's container to boot again after its reboot")  # fmt: skip
+    await serving("the router to serve again after a reboot from inside")
+    timings["reboot from inside -> serving"] = time.monotonic() - t0
+    await wait_for(router_running, BOOT_TIMEOUT, "the router to reconnect after its reboot")
+
+    # ---- restartNetwork cleanup=true: the new router takes the same address and announces it
+    old_mac = (await macs(home, rid))["eth1"]
+    await serving("the router to serve before its replacement")  # fills the guest's ARP cache
+    assert await neighbour(topo.guest_ns, router_ip) == old_mac
+    t0 = time.monotonic()
+    await api.job("restartNetwork", id=net["id"], cleanup="true")
+    timings["restartNetwork cleanup=true"] = time.monotonic() - t0
+    live = [r for r in (await api.call("listRouters", networkid=net["id"]))["router"]
+            if r["state"] != "Destroyed"]  # fmt: skip
+    assert len(live) == 1 and live[0]["id"] != rid and live[0]["guestipaddress"] == router_ip
+    rid = live[0]["id"]
+    new_mac = (await macs(home, rid))["eth1"]
+    t1 = time.monotonic()
+    await wait_for(lambda: neighbour(topo.guest_ns, router_ip, new_mac), 5,
+                   "the guest's ARP entry for the router to name the new one")  # fmt: skip
+    await serving("the new router to serve", timeout=10)
+    timings["replacement job done -> serving"] = time.monotonic() - t1
+    await leased()
+
+    # ---- deleteNetwork: the router goes, and its guest bridge with it
+    await api.job("destroyVirtualMachine", id=vm["id"])
+    await api.job("deleteNetwork", id=net["id"])
+    assert (await api.router(rid))["state"] == "Destroyed"
+    await delete_netns(topo.guest_ns)
+    await delete_netns(upstream_ns)
+    await wait_for(lambda: not Path(f"/sys/class/net/{guest_bridge}").exists(), 10,
+                   "the guest bridge to go")  # fmt: skip

@@ -8,6 +8,7 @@ Traffic counted by the routers (``router.stats``) is shown as ``receivedbytes`` 
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 from importlib import metadata
@@ -32,6 +33,7 @@ from manager.network.model import (
     NetworkOffering,
     PublicIp,
     RouterOffering,
+    needs_router,
 )
 from manager.network.runtime import RUNTIME, changed, wait_applied
 from manager.network.validate import (
@@ -318,6 +320,15 @@ async def create_network(call: Call) -> dict[str, Any]:
         account_id=call.user.account_id,
         created=now,
     )
+    shared_router = offering.guest_ip_type == SHARED and needs_router(SHARED, offering.services)
+    if shared_router:
+        # CloudStack's VR on a Shared network takes an address from the range; the
+        # gateway is the provider's. Every replacement router keeps it.
+        try:
+            router_ip = ipam.allocate_guest(network.start_ip, network.end_ip, network.gateway, ())
+        except NetError as e:
+            raise param_error(f"no address left for the network's router: {e}") from None
+        network = dataclasses.replace(network, router_ip=router_ip)
     router: SystemVm | None = None
     try:
         async with store.transaction() as tx:
@@ -330,6 +341,9 @@ async def create_network(call: Call) -> dict[str, Any]:
                 ]
                 check_no_overlap(network.cidr, others)
             await ns.add_network(tx, network)
+            if shared_router:
+                router = await rt.create_router(tx, network, None, now)
+                await changed(tx, network.id)
             if offering.guest_ip_type == ISOLATED:
                 used = await ns.used_public_addresses(tx, zone.id)
                 snat = PublicIp(
@@ -415,8 +429,11 @@ async def restart_network(call: Call) -> AsyncResult:
     ctx = call.ctx
     network_id = net.id
 
+    offering = await ns.get_offering(ctx.store, net.offering_id)
+    served = needs_router(net.guest_type, offering.services if offering else ())
+
     async def work() -> dict[str, Any]:
-        if net.guest_type != ISOLATED:
+        if not served:  # nothing of ours runs on it: nothing to restart
             return {"success": True}
         routers = await ns.router_ids(ctx.store, network_id)
         if cleanup or not routers:
@@ -517,6 +534,7 @@ async def router_view(
     net = await ns.get_network(store, network_id) if network_id else None
     zone = next((z for z in await store.list_zones() if z.id == vm.zone_id), None)
     public_net = ipaddress.IPv4Network(zone.public_cidr, strict=False) if zone else None
+    shared = net is not None and net.guest_type == SHARED
     links = RUNTIME.links
     connected = links is not None and links.is_connected(vm.id)
     offering_id = vm.details.get("service_offering_id") if vm.details else None
@@ -539,10 +557,17 @@ async def router_view(
         "dns1": net.dns1 if net else None,
         "dns2": net.dns2 if net else None,
         "networkdomain": net.network_domain if net else None,
-        "gateway": ipam.public_gateway(zone.public_cidr) if zone else None,
+        # A Shared network's router has no public side; its gateway is the network's.
+        "gateway": (
+            net.gateway
+            if net is not None and shared
+            else ipam.public_gateway(zone.public_cidr)
+            if zone
+            else None
+        ),
         "publicip": vm.public_ip,
-        "publicnetmask": str(public_net.netmask) if public_net else None,
-        "guestipaddress": net.gateway if net else None,
+        "publicnetmask": str(public_net.netmask) if public_net and not shared else None,
+        "guestipaddress": (net.router_ip or net.gateway) if net else None,
         "guestnetmask": str(ipaddress.IPv4Network(net.cidr).netmask) if net else None,
         "guestnetworkid": net.id if net else network_id,
         "guestnetworkname": net.name if net else None,

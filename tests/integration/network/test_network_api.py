@@ -172,7 +172,9 @@ async def test_bad_networks_get_431_and_leave_nothing_behind(api: Api) -> None:
     assert err["errorcode"] == 431 and "overlaps the CIDR 10.60.0.0/24" in err["errortext"]
     listed = await api.call("listNetworks")
     assert listed["count"] == 1  # only the good shared network exists
-    assert "router" not in (await api.call("listRouters"))  # shared networks: no router here
+    # ... with its one router (DHCP, DNS, userdata); the refused ones left none behind
+    routers = (await api.call("listRouters"))["router"]
+    assert [r["guestnetworkid"] for r in routers] == [ok["network"]["id"]]
 
 
 async def test_rules_validated_committed_and_rendered(api: Api) -> None:
@@ -516,3 +518,95 @@ async def test_network_offering_change_refused_while_a_dropped_service_is_used(a
     # A rename is fine (no router change needed).
     res = await api.job("updateNetwork", id=net["id"], name="renamed")
     assert res["jobstatus"] == 1 and res["jobresult"]["network"]["name"] == "renamed"
+
+
+async def shared_network(api: Api, name: str = "shared1", **kw: Any) -> dict[str, Any]:
+    zone = (await api.call("listZones"))["zone"][0]
+    offering = (await api.call("listNetworkOfferings", name="DefaultSharedNetworkOffering"))[
+        "networkoffering"
+    ][0]
+    args = {"gateway": "10.61.0.1", "netmask": "255.255.255.0", "startip": "10.61.0.10",
+            "endip": "10.61.0.20", "vlan": "61", **kw}  # fmt: skip
+    net = await api.call(
+        "createNetwork", name=name, displaytext=name, zoneid=zone["id"],
+        networkofferingid=offering["id"], **args,
+    )  # fmt: skip
+    result: dict[str, Any] = net["network"]
+    return result
+
+
+async def test_shared_network_gets_a_router_that_is_not_its_gateway(api: Api) -> None:
+    from manager.network.routers import nic_plan
+
+    net = await shared_network(api)
+    nid = net["id"]
+    assert net["type"] == "Shared" and net["gateway"] == "10.61.0.1"
+    routers = (await api.call("listRouters", networkid=nid))["router"]
+    assert len(routers) == 1
+    r = routers[0]
+    # The router takes the first address of the range; the gateway is the provider's.
+    assert r["guestipaddress"] == "10.61.0.10" and r["gateway"] == "10.61.0.1", r
+    assert "publicip" not in r and "publicnetmask" not in r, r
+    cfg = await router_config(api, nid)
+    parsed = parse(cfg)  # the router role's own parser takes it
+    assert "public" not in cfg["interfaces"] and "source_nat" not in cfg
+    assert cfg["interfaces"]["guest"] == {
+        "device": "eth1", "gateway": "10.61.0.1", "cidr": "10.61.0.0/24", "address": "10.61.0.10",
+    }  # fmt: skip
+    assert parsed.interfaces.control is not None
+    assert cfg["firewall"] == cfg["port_forwarding"] == cfg["load_balancers"] == []
+    # What the hypervisor plugs: control, then the guest NIC carrying the default route
+    plan = await nic_plan(api.ctx.store, r["id"])
+    assert [(n["kind"], n["address"], n["gateway"], n["default_route"]) for n in plan] == [
+        ("control", f"{r['linklocalip']}/16", None, False),
+        ("guest", "10.61.0.10/24", "10.61.0.1", True),
+    ]
+    # Guests get addresses around the router's, never its own.
+    ip = await guest(api, nid, "61000001-0000-4000-8000-000000000000", "web1")
+    assert ip == "10.61.0.11"
+    with pytest.raises(NetError, match=r"10\.61\.0\.10 is already in use"):
+        await guest(api, nid, "61000002-0000-4000-8000-000000000000", "web2", ip="10.61.0.10")
+    cfg = await router_config(api, nid)
+    assert cfg["dhcp"] == [{"mac": cfg["dhcp"][0]["mac"], "ip": "10.61.0.11", "hostname": "web1"}]
+    assert cfg["vm_data"][0]["meta_data"]["local-ipv4"] == "10.61.0.11"
+    assert "public-ipv4" not in cfg["vm_data"][0]["meta_data"]
+    # Nothing that needs a public side: clear refusals, nothing stored
+    err = await api_error(api, "associateIpAddress", networkid=nid)
+    assert err["errorcode"] == 431 and "Shared" in err["errortext"], err
+    err = await api_error(api, "createEgressFirewallRule", networkid=nid, protocol="tcp")
+    assert err["errorcode"] == 431 and "Firewall" in err["errortext"], err
+    assert await router_config(api, nid) == cfg
+    # An offering change that would take the router away is refused
+    plain = await api.call(
+        "createNetworkOffering", name="shared-plain", displaytext="no services",
+        guestiptype="Shared", supportedservices="", traffictype="GUEST", enable="true",
+    )  # fmt: skip
+    err = await api_error(
+        api, "updateNetwork", id=nid, networkofferingid=plain["networkoffering"]["id"]
+    )
+    assert err["errorcode"] == 431 and "takes the virtual router away" in err["errortext"], err
+    # A Shared network whose offering has none of the router's services gets no router
+    bare = await api.call(
+        "createNetwork", name="bare", displaytext="bare",
+        zoneid=(await api.call("listZones"))["zone"][0]["id"],
+        networkofferingid=plain["networkoffering"]["id"], gateway="10.62.0.1",
+        netmask="255.255.255.0", startip="10.62.0.10",
+    )  # fmt: skip
+    assert "router" not in await api.call("listRouters", networkid=bare["network"]["id"])
+    res = await api.job("restartNetwork", id=bare["network"]["id"], cleanup="true")
+    assert res["jobstatus"] == 1, res
+    assert "router" not in await api.call("listRouters", networkid=bare["network"]["id"])
+    # deleteNetwork takes the router with it (after the guest left)
+    async with api.ctx.store.transaction() as tx:
+        await remove_vm_nics(tx, "61000001-0000-4000-8000-000000000000")
+    done = await api.job("deleteNetwork", id=nid)
+    assert done["jobstatus"] == 1, done
+    assert (await api.call("listRouters", id=r["id"]))["router"][0]["state"] == "Destroyed"
+
+
+async def test_shared_network_range_of_one_address_goes_to_its_router(api: Api) -> None:
+    net = await shared_network(api, "tiny", startip="10.61.0.10", endip="10.61.0.10")
+    router = (await api.call("listRouters", networkid=net["id"]))["router"][0]
+    assert router["guestipaddress"] == "10.61.0.10"
+    with pytest.raises(NetError, match="no free IP address"):
+        await guest(api, net["id"], "63000001-0000-4000-8000-000000000000", "vm1")
