@@ -221,11 +221,31 @@ class Topology:
         return True
 
 
+async def _wire(t: Topology, links: list[str], ports: tuple[str, ...]) -> None:
+    """Namespaces, the veth ``links`` (``ip link add ...`` lines), the management side
+    (``mg`` with MGMT_IP), the switch ``sw`` bridging ``ports``, and ``eth0``/``lo`` up in
+    every other namespace that has an ``eth0``."""
+    for n in t.namespaces:
+        await sh("ip", "netns", "add", t.ns(n))
+    for line in links:
+        await sh("ip", *line.split())
+    await t.x("mg", "ip", "addr", "add", f"{MGMT_IP}/16", "dev", "eth0")
+    await t.x("mg", "ip", "link", "set", "eth0", "up")
+    await t.x("vr", "ip", "link", "set", "lo", "up")
+    await t.x("sw", "ip", "link", "add", "br0", "type", "bridge")
+    await t.x("sw", "ip", "link", "set", "br0", "up")
+    for dev in ports:
+        await t.x("sw", "ip", "link", "set", dev, "master", "br0")
+        await t.x("sw", "ip", "link", "set", dev, "up")
+    for n in t.namespaces:
+        if n not in ("vr", "sw", "mg"):
+            await t.x(n, "ip", "link", "set", "eth0", "up")
+            await t.x(n, "ip", "link", "set", "lo", "up")
+
+
 async def _build(prefix: str, tmp: Path) -> Topology:
     t = Topology(prefix=prefix, tmp=tmp)
-    for n in NAMESPACES:
-        await sh("ip", "netns", "add", t.ns(n))
-    batch = [
+    links = [
         f"link add pub0 netns {t.ns('vr')} type veth peer name eth0 netns {t.ns('pc')}",
         f"link add gst0 netns {t.ns('vr')} type veth peer name p-vr netns {t.ns('sw')}",
         f"link add eth0 netns {t.ns('g1')} address {G1[0]} type veth"
@@ -234,30 +254,14 @@ async def _build(prefix: str, tmp: Path) -> Topology:
         f" peer name p-g2 netns {t.ns('sw')}",
         f"link add ctl0 netns {t.ns('vr')} type veth peer name eth0 netns {t.ns('mg')}",
     ]
-    for line in batch:
-        await sh("ip", *line.split())
-    await t.x("mg", "ip", "addr", "add", f"{MGMT_IP}/16", "dev", "eth0")
-    await t.x("mg", "ip", "link", "set", "eth0", "up")
-    await t.x("vr", "ip", "link", "set", "lo", "up")
-    await t.x("sw", "ip", "link", "add", "br0", "type", "bridge")
-    for dev in ("br0", "p-vr", "p-g1", "p-g2"):
-        if dev != "br0":
-            await t.x("sw", "ip", "link", "set", dev, "master", "br0")
-        await t.x("sw", "ip", "link", "set", dev, "up")
+    await _wire(t, links, ("p-vr", "p-g1", "p-g2"))
     await t.x("pc", "ip", "addr", "add", f"{PUB_GW}/24", "dev", "eth0")
-    await t.x("pc", "ip", "link", "set", "eth0", "up")
-    await t.x("pc", "ip", "link", "set", "lo", "up")
-    for g in ("g1", "g2"):
-        await t.x(g, "ip", "link", "set", "eth0", "up")
-        await t.x(g, "ip", "link", "set", "lo", "up")
     return t
 
 
 async def _build_shared(prefix: str, tmp: Path) -> Topology:
     t = Topology(prefix=prefix, tmp=tmp, namespaces=SHARED_NAMESPACES)
-    for n in t.namespaces:
-        await sh("ip", "netns", "add", t.ns(n))
-    batch = [
+    links = [
         f"link add gst0 netns {t.ns('vr')} type veth peer name p-vr netns {t.ns('sw')}",
         f"link add eth0 netns {t.ns('g1')} address {S1[0]} type veth"
         f" peer name p-g1 netns {t.ns('sw')}",
@@ -266,21 +270,9 @@ async def _build_shared(prefix: str, tmp: Path) -> Topology:
         f"link add eth0 netns {t.ns('gw')} type veth peer name p-gw netns {t.ns('sw')}",
         f"link add ctl0 netns {t.ns('vr')} type veth peer name eth0 netns {t.ns('mg')}",
     ]
-    for line in batch:
-        await sh("ip", *line.split())
-    await t.x("mg", "ip", "addr", "add", f"{MGMT_IP}/16", "dev", "eth0")
-    await t.x("mg", "ip", "link", "set", "eth0", "up")
-    await t.x("vr", "ip", "link", "set", "lo", "up")
-    await t.x("sw", "ip", "link", "add", "br0", "type", "bridge")
-    await t.x("sw", "ip", "link", "set", "br0", "up")
-    for dev in ("p-vr", "p-g1", "p-g2", "p-gw"):
-        await t.x("sw", "ip", "link", "set", dev, "master", "br0")
-        await t.x("sw", "ip", "link", "set", dev, "up")
+    await _wire(t, links, ("p-vr", "p-g1", "p-g2", "p-gw"))
     await t.x("gw", "ip", "addr", "add", f"{SH_GW}/24", "dev", "eth0")
     await t.x("gw", "ip", "addr", "add", f"{BEHIND}/32", "dev", "lo")
-    for ns in ("gw", "g1", "g2"):
-        await t.x(ns, "ip", "link", "set", "eth0", "up")
-        await t.x(ns, "ip", "link", "set", "lo", "up")
     return t
 
 
