@@ -269,6 +269,7 @@ class Session:
     __slots__ = (
         "acked",
         "conv",
+        "failed_error",
         "failed_version",
         "last_seen",
         "persisted_seen",
@@ -291,6 +292,7 @@ class Session:
         self.acked = vm.applied_version
         self.sent = 0
         self.failed_version = 0
+        self.failed_error = ""  # the agent's reason, from its config_ack
         self.last_seen = 0.0
         self.persisted_seen = 0.0
         self.status_cache: Mapping[str, Any] | None = {}
@@ -981,7 +983,9 @@ class AgentLinks:
             self._dirty_event.set()
         else:
             self.metrics.inc("sysvm_config_acks_total", result="failed")
-            sess.failed_version = max(sess.failed_version, msg.version)
+            if msg.version >= sess.failed_version:
+                sess.failed_version = msg.version
+                sess.failed_error = msg.error[:500]
             log.warning(
                 "event=config_failed vm=%s version=%d error=%s",
                 sess.vm_id,

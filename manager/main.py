@@ -6,6 +6,10 @@
 - ``sysvm-manager create-external-vms --role R --count N --out FILE.jsonl [--zone ID]`` —
   creates VM records on the ``External`` hypervisor and writes their boot data, one JSON
   object per line (the file is 0600: it holds enrolment tokens).
+- ``sysvm-manager external-bootdata --out FILE.jsonl [--role R] [--zone ID] [--vm ID ...]`` —
+  boot data, with fresh enrolment tokens, for VMs that already exist on the ``External``
+  hypervisor (e.g. the routers createNetwork made when nothing here boots them). Each
+  VM's unused older token is replaced. VMs on other hypervisors are refused by name.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from manager.enrolment import issue_token, make_bootdata
 from manager.pki import Pki
 from manager.settings import Settings
 from manager.store import open_store
-from manager.store.base import Role
+from manager.store.base import Role, SystemVm, VmState
 
 log = logging.getLogger("sysvm.manager")
 
@@ -53,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--count", type=int, required=True)
     c.add_argument("--out", required=True, type=Path)
     c.add_argument("--zone", help="zone id (default: the first zone)")
+    b = sub.add_parser("external-bootdata", help="boot data for existing External VMs (JSONL)")
+    b.add_argument("--out", required=True, type=Path)
+    b.add_argument("--role", choices=sorted(ROLE_ALIASES), help="only VMs of this role")
+    b.add_argument("--zone", help="only VMs in this zone")
+    b.add_argument("--vm", action="append", default=[], help="only this VM id (repeatable)")
     return p
 
 
@@ -107,6 +116,72 @@ async def create_external_vms(
     return 0
 
 
+def _write_secret_lines(out: Path, lines: list[str]) -> None:
+    """JSON lines holding enrolment tokens: created 0600 before anything is written."""
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("".join(line + "\n" for line in lines))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def pick_external(
+    vms: list[SystemVm], role: Role | None, zone_id: str | None, wanted: list[str]
+) -> list[SystemVm]:
+    """Pure: the live VMs ``external-bootdata`` writes boot data for. Raises ConfigError
+    naming a wanted VM that does not exist, is gone, or is not on ``External``."""
+    by_id = {vm.id: vm for vm in vms}
+    for vm_id in wanted:
+        vm = by_id.get(vm_id)
+        if vm is None:
+            raise ConfigError(f"no VM with id {vm_id!r}")
+        if vm.state in (VmState.DESTROYED, VmState.EXPUNGING):
+            raise ConfigError(f"VM {vm.name} is {vm.state.value}")
+        if vm.hypervisor != "External":
+            raise ConfigError(
+                f"VM {vm.name} runs on the {vm.hypervisor} hypervisor, which boots it with "
+                "its own boot data; only External VMs get boot data here"
+            )
+    return [
+        vm
+        for vm in vms
+        if vm.hypervisor == "External"
+        and vm.state not in (VmState.DESTROYED, VmState.EXPUNGING)
+        and (role is None or vm.role is role)
+        and (zone_id is None or vm.zone_id == zone_id)
+        and (not wanted or vm.id in wanted)
+    ]
+
+
+async def external_bootdata(
+    cfg: DaemonConfig, role: Role | None, zone_id: str | None, wanted: list[str], out: Path
+) -> int:
+    pki = Pki.open(cfg.home)
+    store = await open_store(cfg.home)
+    try:
+        settings = Settings(store)
+        await settings.load()
+        ttl = float(settings.get("sysvm.enrolment.token.ttl"))
+        vms = pick_external(await store.list_system_vms(), role, zone_id, wanted)
+        if not vms:
+            raise ConfigError("no live VM on the External hypervisor matches")
+        lines = []
+        async with store.transaction() as tx:
+            now = time.time()
+            for vm in vms:
+                token = await issue_token(tx, vm.id, ttl, now)
+                boot = make_bootdata(
+                    vm, manager_urls=cfg.agent_urls, ca_fingerprint=pki.ca_fingerprint, token=token
+                )
+                lines.append(json.dumps(boot, separators=(",", ":")))
+        _write_secret_lines(out, lines)
+    finally:
+        await store.close()
+    log.info("event=external_bootdata_written count=%d out=%s", len(lines), out)
+    return 0
+
+
 def raise_nofile_limit() -> None:
     """One socket per agent: lift the soft fd limit to the hard one (systemd's unit sets
     LimitNOFILE; a shell's default soft limit of 1024 would cap the fleet)."""
@@ -145,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 )
             )
+        if args.cmd == "external-bootdata":
+            role = ROLE_ALIASES[args.role] if args.role else None
+            return int(runner(external_bootdata(cfg, role, args.zone, args.vm, args.out)))
         return int(runner(run(cfg)))
     except ConfigError as e:
         print(f"sysvm-manager: {e}", file=sys.stderr)

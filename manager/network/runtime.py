@@ -181,6 +181,12 @@ def _failed_version(links: Any, router_id: str) -> int:
 
 
 async def _failure_reason(links: Any, router_id: str) -> str:
+    """The agent's reason: from its config_ack, else from the role's status."""
+    sessions = getattr(links, "sessions", None)
+    sess = sessions.get(router_id) if isinstance(sessions, Mapping) else None
+    acked_reason = getattr(sess, "failed_error", "")
+    if isinstance(acked_reason, str) and acked_reason:
+        return acked_reason
     try:
         res = await links.request(router_id, "status", {}, 10.0)
     except Exception as e:  # the reason is a courtesy; the failure itself is known

@@ -859,8 +859,11 @@ class SqliteStore:
     async def _all(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         if self._closed:
             raise StoreError("store is closed")
-        async with self._r.execute(sql, params) as cur:
-            return list(await cur.fetchall())
+        # One call on the reader's thread: execute and fetch every row together. A cursor
+        # left open between the two (while other reads queue behind it) keeps the
+        # connection's read snapshot open, and a read that starts after a commit could
+        # still see the state from before it.
+        return list(await self._r.execute_fetchall(sql, params))
 
     # infrastructure -------------------------------------------------------------------
 

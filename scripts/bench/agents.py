@@ -397,9 +397,19 @@ class Worker:
                         if msg.seq == a.last_seq and len(self.rtts) < 500_000:
                             self.rtts.append(now - a.last_sent)
                     elif isinstance(msg, m.Config):
-                        a.applied = max(a.applied, msg.version)
+                        error = self.check_config(a, msg)
+                        if error is None:
+                            a.applied = max(a.applied, msg.version)
                         self.configs += 1
-                        await send(ws, conv.send(m.ConfigAck(version=msg.version, ok=True)))
+                        await send(
+                            ws,
+                            conv.send(
+                                m.ConfigAck(
+                                    version=msg.version, ok=error is None, error=error or ""
+                                )
+                            ),
+                        )
+                        self.config_acked(a, msg, error)
                     elif isinstance(msg, m.Command):
                         self.commands += 1
                         await send(ws, conv.send(m.CommandResult(id=msg.id, ok=True)))
@@ -414,6 +424,14 @@ class Worker:
                 elif isinstance(ev, Close):
                     await ws.close(ev.code, ev.reason)
                     return
+
+    def check_config(self, a: SimAgent, msg: m.Config) -> str | None:
+        """What the agent makes of a config before acking it: None = applied, else the
+        error it reports. Plain agents apply everything (the router bench checks more)."""
+        return None
+
+    def config_acked(self, a: SimAgent, msg: m.Config, error: str | None) -> None:
+        """Called right after a config's ack was sent (the router bench times these)."""
 
     async def _echo_loop(self, a: SimAgent, ws: ClientConnection) -> None:
         async for frame in ws:

@@ -162,27 +162,29 @@ class Manager(Proc):
     async def metric(self, key: str) -> float:
         return (await self.metrics()).get(key, 0.0)
 
-    async def create_vms(self, count: int, role: str = "secondarystorage") -> list[dict[str, Any]]:
-        out = self.home.parent / f"boot-{time.monotonic_ns()}.jsonl"
+    async def cli(self, *args: str) -> tuple[int, str]:
+        """``sysvm-manager`` sub-command on this home; (exit code, stderr)."""
         proc = await asyncio.create_subprocess_exec(
             str(VENV_BIN / "sysvm-manager"),
             "--home",
             str(self.home),
             "--agent-listen",
             f"127.0.0.1:{self.agent_port}",
-            "create-external-vms",
-            "--role",
-            role,
-            "--count",
-            str(count),
-            "--out",
-            str(out),
+            *args,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             env=self.env,
         )
         _, err = await asyncio.wait_for(proc.communicate(), 60)
-        assert proc.returncode == 0, err.decode()[-2000:]
+        assert proc.returncode is not None
+        return proc.returncode, err.decode()
+
+    async def create_vms(self, count: int, role: str = "secondarystorage") -> list[dict[str, Any]]:
+        out = self.home.parent / f"boot-{time.monotonic_ns()}.jsonl"
+        rc, err = await self.cli(
+            "create-external-vms", "--role", role, "--count", str(count), "--out", str(out)
+        )
+        assert rc == 0, err[-2000:]
         assert (out.stat().st_mode & 0o777) == 0o600
         return [json.loads(line) for line in out.read_text().splitlines()]
 

@@ -141,6 +141,47 @@ async def test_agent_enrols_connects_and_applies_first_config(cluster: Any) -> N
         await store.close()
 
 
+async def test_external_bootdata_reissues_tokens_for_existing_vms(
+    cluster: Any, tmp_path: Path
+) -> None:
+    """``external-bootdata`` gives an existing External VM a fresh token (the old unused
+    one stops working) and boot data a real agent enrols and runs with."""
+    mgr = cluster.manager
+    await mgr.start()
+    old_boots = await mgr.create_vms(2)
+    target = old_boots[1]
+    out = tmp_path / "again.jsonl"
+    rc, err = await mgr.cli("external-bootdata", "--vm", target["vm_id"], "--out", str(out))
+    assert rc == 0, err[-2000:]
+    assert out.stat().st_mode & 0o777 == 0o600
+    (boot,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert boot["vm_id"] == target["vm_id"] and boot["role"] == target["role"]
+    assert boot["token"] != target["token"]
+    assert boot["token"] not in mgr.log() and boot["token"] not in err
+    # The superseded token is refused; the new one enrols a real agent.
+    answer, code = await enrol_raw(
+        mgr.url,
+        ca_pem(mgr.home),
+        m.Enrol(vm_id=target["vm_id"], token=target["token"], csr=new_csr(target["vm_id"])[1]),
+    )
+    assert isinstance(answer, m.Error) and code == 4001, (answer, code)
+    a = cluster.agent(boot)
+    await a.start()
+    await a.wait_log("event=config_applied version=1")
+    # Role filter: both VMs, one line each.
+    rc, err = await mgr.cli("external-bootdata", "--role", "ssvm", "--out", str(out))
+    assert rc == 0, err[-2000:]
+    ids = sorted(json.loads(line)["vm_id"] for line in out.read_text().splitlines())
+    assert ids == sorted(b["vm_id"] for b in old_boots)
+    # Clear refusals, exit 2, nothing written.
+    out.unlink()
+    rc, err = await mgr.cli("external-bootdata", "--vm", "no-such-vm", "--out", str(out))
+    assert rc == 2 and "no VM with id 'no-such-vm'" in err, err
+    rc, err = await mgr.cli("external-bootdata", "--role", "cpvm", "--out", str(out))
+    assert rc == 2 and "no live VM on the External hypervisor matches" in err, err
+    assert not out.exists()
+
+
 async def test_enrol_refusals_are_counted_and_logged(cluster: Any, tmp_path: Path) -> None:
     mgr = cluster.manager
     await mgr.start()

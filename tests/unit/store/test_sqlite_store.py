@@ -292,6 +292,39 @@ async def test_concurrent_transactions_serialise(store: SqliteStore) -> None:
     assert got is not None and got.desired_version == 50
 
 
+async def test_reads_after_commit_see_it_while_other_reads_overlap(store: SqliteStore) -> None:
+    """Read-your-commit: a read started after a transaction committed sees its writes even
+    while other reads are in flight on the reader connection. (A cursor left open between
+    ``execute`` and ``fetchall`` kept the reader's snapshot open across commits; the
+    agent link then read an old ``desired_version`` and skipped a push for ever.)"""
+    z, *_ = await add_infra(store)
+    async with store.transaction() as tx:
+        vms = [
+            await tx.create_system_vm(role=Role.ROUTER, zone_id=z.id, hypervisor="Embedded")
+            for _ in range(20)
+        ]
+    stop = asyncio.Event()
+
+    async def background_reader() -> None:
+        while not stop.is_set():
+            await store.list_system_vms()
+
+    readers = [asyncio.create_task(background_reader()) for _ in range(8)]
+    stale = 0
+    try:
+        for round_ in range(1, 31):
+            async with store.transaction() as tx:
+                await tx.bump_desired([vm.id for vm in vms])
+            for vm in vms:
+                got = await store.get_system_vm(vm.id)
+                assert got is not None
+                stale += got.desired_version != round_
+    finally:
+        stop.set()
+        await asyncio.gather(*readers)
+    assert stale == 0
+
+
 def _explode() -> None:
     raise RuntimeError("callback failure")
 
