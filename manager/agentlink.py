@@ -368,6 +368,7 @@ class AgentLinks:
         self._dirty: set[str] = set()
         self._dirty_event = asyncio.Event()
         self._command_waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._ack_waiters: set[asyncio.Future[None]] = set()
         self._server: Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._handlers: set[asyncio.Task[Any]] = set()
@@ -406,6 +407,34 @@ class AgentLinks:
 
     def connected_ids(self) -> list[str]:
         return list(self.sessions)
+
+    def acked_version(self, vm_id: str) -> int:
+        """The newest config version the connected agent acknowledged (0: not connected).
+        Ahead of the store's ``applied_version``, which acks reach by group commit."""
+        sess = self.sessions.get(vm_id)
+        return sess.acked if sess is not None else 0
+
+    def failed_version(self, vm_id: str) -> int:
+        """The newest config version the connected agent reported it could not apply."""
+        sess = self.sessions.get(vm_id)
+        return sess.failed_version if sess is not None else 0
+
+    async def wait_config_acks(self, timeout: float) -> None:  # noqa: ASYNC109
+        """Returns at the next config ack (applied or failed) from any agent, or after
+        ``timeout`` seconds — whichever comes first."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._ack_waiters.add(fut)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(fut, timeout)
+        finally:
+            self._ack_waiters.discard(fut)
+
+    def _wake_ack_waiters(self) -> None:
+        waiters, self._ack_waiters = self._ack_waiters, set()
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
 
     def status(self, vm_id: str) -> Mapping[str, Any] | None:
         """Last status an agent reported (hello or heartbeat), if connected."""
@@ -973,6 +1002,12 @@ class AgentLinks:
             )
 
     async def _config_ack(self, sess: Session, msg: m.ConfigAck) -> None:
+        try:
+            self._note_config_ack(sess, msg)
+        finally:
+            self._wake_ack_waiters()
+
+    def _note_config_ack(self, sess: Session, msg: m.ConfigAck) -> None:
         if msg.ok:
             self.metrics.inc("sysvm_config_acks_total", result="ok")
             if msg.version > sess.acked:

@@ -43,7 +43,7 @@ class Runtime:
     links: Any = None  # manager.agentlink.AgentLinks (None: nothing to push to)
     apply_timeout: float = 120.0  # seconds a connected router has to acknowledge a config
     boot_timeout: float = 300.0  # seconds a started router has to connect and apply
-    poll_interval: float = 0.1
+    poll_interval: float = 0.5  # store reads while waiting for acks (acks wake at once)
     hypervisor: str | None = None  # override the zone's hypervisor for new routers
 
 
@@ -175,9 +175,13 @@ class ApplyFailed(ApiError):
 
 
 def _failed_version(links: Any, router_id: str) -> int:
-    sessions = getattr(links, "sessions", None)
-    sess = sessions.get(router_id) if isinstance(sessions, Mapping) else None
-    return int(getattr(sess, "failed_version", 0) or 0)
+    fn = getattr(links, "failed_version", None)
+    return int(fn(router_id)) if callable(fn) else 0
+
+
+def _acked_version(links: Any, router_id: str) -> int:
+    fn = getattr(links, "acked_version", None)
+    return int(fn(router_id)) if callable(fn) else 0
 
 
 async def _failure_reason(links: Any, router_id: str) -> str:
@@ -197,6 +201,17 @@ async def _failure_reason(links: Any, router_id: str) -> str:
     return str(error)[:500] if error else "(no reason reported)"
 
 
+async def _raise_failed(links: Any, router_id: str, name: str, version: int) -> None:
+    reason = await _failure_reason(links, router_id)
+    log.warning(
+        "event=router_apply_failed router=%s version=%d reason=%s",
+        router_id,
+        version,
+        json.dumps(reason),
+    )
+    raise ApplyFailed(f"router {name} failed to apply the configuration: {reason}")
+
+
 async def wait_applied(
     store: Any,
     versions: Mapping[str, int],
@@ -208,36 +223,40 @@ async def wait_applied(
     """Waits until each router acknowledged at least its version. A router that is not
     connected is skipped (its config is durable and pushed when it connects) unless
     ``require_connected``. Raises :class:`ApplyFailed` with the router's reason when it
-    reports a failed apply, or an :class:`ApiError` on timeout."""
+    reports a failed apply, or an :class:`ApiError` on timeout.
+
+    Acks wake it at once (the agent link's in-memory view, ahead of the store's group
+    commit); the store is read at most every ``poll_interval`` for what only it knows (a
+    router destroyed, disconnected, or acked before this call)."""
     links = RUNTIME.links
     limit = RUNTIME.apply_timeout if timeout is None else timeout
     deadline = clock() + limit
     pending = dict(versions)
     names: dict[str, str] = {}
+    next_read = clock()
     while pending:
+        read_store = clock() >= next_read
         for rid, version in list(pending.items()):
-            vm = await store.get_system_vm(rid)
-            if vm is None or vm.state in (VmState.DESTROYED, VmState.EXPUNGING):
-                pending.pop(rid)
-                continue
-            names[rid] = vm.name
-            if vm.applied_version >= version:
+            acked = _acked_version(links, rid)
+            if read_store:
+                vm = await store.get_system_vm(rid)
+                if vm is None or vm.state in (VmState.DESTROYED, VmState.EXPUNGING):
+                    pending.pop(rid)
+                    continue
+                names[rid] = vm.name
+                acked = max(acked, vm.applied_version)
+            if acked >= version:
                 pending.pop(rid)
                 continue
             connected = links is not None and links.is_connected(rid)
-            if not connected and not require_connected:
+            if read_store and not connected and not require_connected:
                 pending.pop(rid)
                 log.info("event=router_apply_deferred router=%s version=%d", rid, version)
                 continue
             if connected and _failed_version(links, rid) >= version:
-                reason = await _failure_reason(links, rid)
-                log.warning(
-                    "event=router_apply_failed router=%s version=%d reason=%s",
-                    rid,
-                    version,
-                    json.dumps(reason),
-                )
-                raise ApplyFailed(f"router {vm.name} failed to apply the configuration: {reason}")
+                await _raise_failed(links, rid, names.get(rid, rid), version)
+        if read_store:
+            next_read = clock() + RUNTIME.poll_interval
         if not pending:
             return
         if clock() > deadline:
@@ -246,4 +265,9 @@ async def wait_applied(
                 INTERNAL_ERROR,
                 f"router(s) {late} did not acknowledge the configuration within {limit:g}s",
             )
-        await asyncio.sleep(RUNTIME.poll_interval)
+        wait = max(0.0, min(next_read, deadline) - clock())
+        waiter = getattr(links, "wait_config_acks", None)
+        if callable(waiter):
+            await waiter(wait)
+        else:
+            await asyncio.sleep(wait)

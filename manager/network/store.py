@@ -335,10 +335,17 @@ async def delete_public_ip(tx: Writer, ip_id: str) -> None:
 
 
 async def list_firewall(
-    q: Reader, *, network_id: str | None = None, traffic_type: str | None = None
+    q: Reader,
+    *,
+    network_id: str | None = None,
+    traffic_type: str | None = None,
+    rule_id: str | None = None,
 ) -> list[FirewallRule]:
     sql = "SELECT * FROM firewall_rules WHERE 1=1"
     params: list[Any] = []
+    if rule_id is not None:
+        sql += " AND id = ?"
+        params.append(rule_id)
     if network_id is not None:
         sql += " AND network_id = ?"
         params.append(network_id)
@@ -411,10 +418,17 @@ async def add_forward(tx: Writer, f: PortForwardingRule) -> None:
 
 
 async def list_lbs(
-    q: Reader, *, network_id: str | None = None, public_ip_id: str | None = None
+    q: Reader,
+    *,
+    network_id: str | None = None,
+    public_ip_id: str | None = None,
+    rule_id: str | None = None,
 ) -> list[LbRule]:
     sql = "SELECT * FROM lb_rules WHERE 1=1"
     params: list[Any] = []
+    if rule_id is not None:
+        sql += " AND id = ?"
+        params.append(rule_id)
     if network_id is not None:
         sql += " AND network_id = ?"
         params.append(network_id)

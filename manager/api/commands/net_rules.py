@@ -476,7 +476,7 @@ async def _new_filter(
 
 
 async def _fw_result(call: Call, rule_id: str) -> Mapping[str, Any]:
-    rules = [r for r in await ns.list_firewall(call.ctx.store) if r.id == rule_id]
+    rules = await ns.list_firewall(call.ctx.store, rule_id=rule_id)
     if not rules:
         return {}
     r = rules[0]
@@ -565,8 +565,7 @@ async def list_firewall_rules(call: Call) -> ListResult:
     is_async=True,
 )
 async def delete_firewall_rule(call: Call) -> AsyncResult:
-    rules = [r for r in await ns.list_firewall(call.ctx.store, traffic_type="Ingress")]
-    if call.args["id"] not in {r.id for r in rules}:
+    if not await ns.list_firewall(call.ctx.store, traffic_type="Ingress", rule_id=call.args["id"]):
         raise param_error(f"Unable to find firewall rule with id {call.args['id']}")
     return await _delete(call, "deleteFirewallRule", call.args["id"], (FW_TABLE,), "FirewallRule")
 
@@ -646,8 +645,7 @@ async def list_egress_rules(call: Call) -> ListResult:
     is_async=True,
 )
 async def delete_egress_rule(call: Call) -> AsyncResult:
-    rules = await ns.list_firewall(call.ctx.store, traffic_type="Egress")
-    if call.args["id"] not in {r.id for r in rules}:
+    if not await ns.list_firewall(call.ctx.store, traffic_type="Egress", rule_id=call.args["id"]):
         raise param_error(f"Unable to find egress firewall rule with id {call.args['id']}")
     return await _delete(
         call, "deleteEgressFirewallRule", call.args["id"], (FW_TABLE,), "FirewallRule"
@@ -863,7 +861,7 @@ def lb_view(lb: LbRule, address: str, zone_id: str, call: Call) -> dict[str, Any
 
 
 async def _lb_or_431(call: Call, rule_id: str) -> LbRule:
-    found = [lb for lb in await ns.list_lbs(call.ctx.store) if lb.id == rule_id]
+    found = await ns.list_lbs(call.ctx.store, rule_id=rule_id)
     if not found:
         raise param_error(f"Unable to find load balancer rule with id {rule_id}")
     return found[0]

@@ -20,6 +20,7 @@ from manager.api.commands.net_common import (
     service_view,
     zone_names,
 )
+from manager.api.commands.systemvms import applied_version
 from manager.api.dispatch import Call, Param, PType, api_command, keyword_match
 from manager.api.responses import ApiError, AsyncResult, ListResult, fmt_date, param_error
 from manager.network import ipam
@@ -584,7 +585,7 @@ async def router_view(
         "healthchecksfailed": False,
         "agentstate": "Up" if connected else "Disconnected",
         "desiredversion": vm.desired_version,
-        "appliedversion": vm.applied_version,
+        "appliedversion": applied_version(call, vm),
     }
     return {k: v for k, v in view.items() if v is not None}
 

@@ -36,6 +36,20 @@ def agent_state(call: Call, vm: SystemVm) -> str:
     return "Disconnected"
 
 
+def applied_version(call: Call, vm: SystemVm) -> int:
+    """What the VM's agent applied: the store's record, or the connected agent's newer ack
+    (acks reach the store by group commit, a few ms later; a job that waited for an ack
+    must not be followed by a listing that does not show it yet)."""
+    links = getattr(call.ctx, "links", None)
+    fn = getattr(links, "acked_version", None)
+    if callable(fn):
+        try:
+            return max(vm.applied_version, int(fn(vm.id)))
+        except Exception:  # a links object in a bad state must not break listing
+            return vm.applied_version
+    return vm.applied_version
+
+
 def systemvm_view(
     call: Call,
     vm: SystemVm,
@@ -63,7 +77,7 @@ def systemvm_view(
         "version": vm.image_version,
         "agentversion": vm.agent_version,
         "desiredversion": vm.desired_version,
-        "appliedversion": vm.applied_version,
+        "appliedversion": applied_version(call, vm),
         "lastseen": fmt_date(vm.last_seen),
     }
     if vm.role is Role.CONSOLE_PROXY:

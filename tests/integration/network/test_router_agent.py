@@ -226,8 +226,11 @@ class NetnsLauncher:
 
     async def _note(self, op: str, vm_id: str) -> None:
         store = self.e.api.ctx.store
+        links = self.e.api.ctx.links
+        # Applied = the store's record or a newer ack the link holds (acks reach the store
+        # by group commit, after the waits that act on them).
         snap = {
-            v.id: (v.state.value, v.applied_version)
+            v.id: (v.state.value, max(v.applied_version, links.acked_version(v.id)))
             for v in await store.list_system_vms()
             if v.role.value == "domainrouter"
         }
