@@ -3,9 +3,13 @@ applied-and-verified by the router role, against CloudStack's way (one ``iptable
 per rule) measured in the same run, in a throwaway network namespace.
 
     sudo .venv/bin/python scripts/bench/router.py [--sizes 1000,10000] [--dhcp 5000] [--runs 3]
+        [--push 100]
 
 Prints one line per measurement and the ratio to the baseline. Needs root (netns,
 iptables) and the router's daemons (dnsmasq, haproxy, apache2, openssh-server).
+
+Then (``--push N``, default 100; 0 skips) ``router_push.py``: a change pushed to N routers
+at once through a real manager, against a bare websockets push of the same configs.
 """
 
 from __future__ import annotations
@@ -214,6 +218,9 @@ def main() -> None:
     ap.add_argument("--sizes", default="1000,10000")
     ap.add_argument("--dhcp", type=int, default=5000)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument(
+        "--push", type=int, default=100, help="then push a change to N routers at once (0: skip)"
+    )
     ap.add_argument("--inner", help=argparse.SUPPRESS)
     args = ap.parse_args()
     sizes = [int(x) for x in args.sizes.split(",") if x]
@@ -256,6 +263,11 @@ def main() -> None:
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=False, timeout=30)
         shutil.rmtree(run_dir, ignore_errors=True)
+    if args.push:
+        print(f"config push to {args.push} routers at once (router_push.py):", flush=True)
+        here = Path(__file__).resolve().parent
+        cmd = [sys.executable, str(here / "router_push.py"), "-n", str(args.push)]
+        subprocess.run([*cmd, "--rounds", str(args.runs)], check=True, timeout=1800)
 
 
 if __name__ == "__main__":
