@@ -323,10 +323,11 @@ class _SqliteTx:
         return await self._conn.execute(sql, params)
 
     async def _fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        cur = await self._exec(sql, params)
-        rows = await cur.fetchall()
-        await cur.close()
-        return list(rows)
+        if not self._open:
+            raise TransactionClosed("transaction already finished")
+        # One trip to the connection's thread, not three (execute, fetchall, close): a
+        # change's transaction reads a dozen times while it holds the writer.
+        return list(await self._conn.execute_fetchall(sql, params))
 
     # Public hooks for parts that keep their own tables (their own migration, e.g.
     # 110_console.sql) and write them inside the main store's transactions.
