@@ -72,6 +72,8 @@ from common import (
     stdin_lines,
     table,
     terminate,
+    tls_server_argv,
+    tls_server_context,
 )
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -581,11 +583,8 @@ async def worker_main(args: argparse.Namespace) -> int:
 
 async def echo_main(args: argparse.Namespace) -> int:
     raise_nofile()
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(args.cert, args.key)
-    ctx.load_verify_locations(args.ca)
-    ctx.verify_mode = ssl.CERT_OPTIONAL  # like the manager: verified when presented
+    # Like the manager: a client certificate is verified when presented.
+    ctx = tls_server_context(args.cert, args.key, args.ca, ssl.CERT_OPTIONAL)
     metrics = Metrics()
     lag = LoopLagMonitor(metrics)  # the manager's own sampler, for a like-for-like figure
     state = {"connections": 0, "frames": 0}
@@ -896,18 +895,7 @@ class Bench:
         )
 
     async def baseline(self) -> None:
-        pki = self.home / "pki"
-        argv = [
-            sys.executable,
-            str(HERE),
-            "_echo",
-            "--cert",
-            str(pki / "server.pem"),
-            "--key",
-            str(pki / "server.key"),
-            "--ca",
-            str(pki / "ca.pem"),
-        ]
+        argv = tls_server_argv(HERE, "_echo", self.home)
         echo = await Child.start("echo", argv, self.tmp / "echo.log")
         try:
             port = (await echo.read(60))["port"]

@@ -1,6 +1,6 @@
 """Helpers shared by the benchmarks in scripts/bench/: process figures from /proc, a
 Prometheus text parser, quantiles, free ports, RLIMIT_NOFILE, child processes driven by
-JSON lines over stdin/stdout, and a plain-text table."""
+JSON lines over stdin/stdout, the baseline servers' TLS, and a plain-text table."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import os
 import resource
 import signal
 import socket
+import ssl
 import sys
 import time
 from collections.abc import Sequence
@@ -288,3 +289,30 @@ def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
             )
         )
     return "\n".join(out)
+
+
+def tls_server_argv(script: Path, sub: str, home: Path) -> list[str]:
+    """argv of a baseline server child (``script sub``) with the manager's server
+    certificate and CA from its ``home``: the same TLS the agents verify."""
+    pki = home / "pki"
+    return [
+        sys.executable,
+        str(script),
+        sub,
+        "--cert",
+        str(pki / "server.pem"),
+        "--key",
+        str(pki / "server.key"),
+        "--ca",
+        str(pki / "ca.pem"),
+    ]
+
+
+def tls_server_context(cert: str, key: str, ca: str, verify: ssl.VerifyMode) -> ssl.SSLContext:
+    """A baseline server's TLS: like the manager's agent endpoint (TLS 1.2+, its CA)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    ctx.load_verify_locations(ca)
+    ctx.verify_mode = verify
+    return ctx

@@ -53,7 +53,18 @@ from typing import Any
 
 import aiohttp
 from agents import WS_SERVER_OPTIONS, SimAgent, Worker, send
-from common import Child, answer, free_port, log, proc_sample, stdin_lines, table, terminate
+from common import (
+    Child,
+    answer,
+    free_port,
+    log,
+    proc_sample,
+    stdin_lines,
+    table,
+    terminate,
+    tls_server_argv,
+    tls_server_context,
+)
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
@@ -134,11 +145,7 @@ class RouterAgents(Worker):
 async def pushsrv_main(args: argparse.Namespace) -> int:
     """Same TLS and websocket settings as the manager's agent endpoint; hello → welcome,
     heartbeats acked, and on ``push`` every connected agent gets its config at once."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(args.cert, args.key)
-    ctx.load_verify_locations(args.ca)
-    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx = tls_server_context(args.cert, args.key, args.ca, ssl.CERT_REQUIRED)
     sessions: dict[str, ServerConnection] = {}
     acks: dict[str, int] = {}
     acked = asyncio.Event()
@@ -471,18 +478,7 @@ class PushBench:
         assert self.routers is not None
         configs = dict(self.routers.last_config)
         await self.routers.disconnect_all()
-        pki = self.home / "pki"
-        argv = [
-            sys.executable,
-            str(HERE),
-            "_pushsrv",
-            "--cert",
-            str(pki / "server.pem"),
-            "--key",
-            str(pki / "server.key"),
-            "--ca",
-            str(pki / "ca.pem"),
-        ]
+        argv = tls_server_argv(HERE, "_pushsrv", self.home)
         srv = await Child.start("pushsrv", argv, self.tmp / "pushsrv.log")
         try:
             port = (await srv.read(60))["port"]
