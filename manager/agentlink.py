@@ -32,7 +32,7 @@ import random
 import ssl
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -368,7 +368,7 @@ class AgentLinks:
         self._dirty: set[str] = set()
         self._dirty_event = asyncio.Event()
         self._command_waiters: dict[str, list[asyncio.Future[None]]] = {}
-        self._ack_waiters: set[asyncio.Future[None]] = set()
+        self._ack_waiters: dict[str, set[asyncio.Future[None]]] = {}
         self._server: Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._handlers: set[asyncio.Task[Any]] = set()
@@ -419,20 +419,26 @@ class AgentLinks:
         sess = self.sessions.get(vm_id)
         return sess.failed_version if sess is not None else 0
 
-    async def wait_config_acks(self, timeout: float) -> None:  # noqa: ASYNC109
-        """Returns at the next config ack (applied or failed) from any agent, or after
-        ``timeout`` seconds — whichever comes first."""
+    async def wait_config_acks(self, vm_ids: Collection[str], timeout: float) -> None:  # noqa: ASYNC109
+        """Returns at the next config ack (applied or failed) from one of these VMs'
+        agents, or after ``timeout`` seconds — whichever comes first. Only the waiters of
+        the VM that acked wake (100 jobs waiting on 100 routers: 100 wake-ups, not 10,000)."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._ack_waiters.add(fut)
+        for vm_id in vm_ids:
+            self._ack_waiters.setdefault(vm_id, set()).add(fut)
         try:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(fut, timeout)
         finally:
-            self._ack_waiters.discard(fut)
+            for vm_id in vm_ids:
+                waiters = self._ack_waiters.get(vm_id)
+                if waiters is not None:
+                    waiters.discard(fut)
+                    if not waiters:
+                        del self._ack_waiters[vm_id]
 
-    def _wake_ack_waiters(self) -> None:
-        waiters, self._ack_waiters = self._ack_waiters, set()
-        for fut in waiters:
+    def _wake_ack_waiters(self, vm_id: str) -> None:
+        for fut in self._ack_waiters.pop(vm_id, ()):
             if not fut.done():
                 fut.set_result(None)
 
@@ -1005,7 +1011,7 @@ class AgentLinks:
         try:
             self._note_config_ack(sess, msg)
         finally:
-            self._wake_ack_waiters()
+            self._wake_ack_waiters(sess.vm_id)
 
     def _note_config_ack(self, sess: Session, msg: m.ConfigAck) -> None:
         if msg.ok:

@@ -59,10 +59,16 @@ class JobRunner:
         coro_fn: JobFn,
         instance_type: str | None = None,
         instance_id: str | None = None,
+        *,
+        tx: Any = None,
     ) -> str:
         """Persists a pending job, starts ``coro_fn()`` and returns the job id. The mapping
         ``coro_fn`` returns is the job result (``jobresult``); an :class:`ApiError` it raises
-        becomes the failure's ``errorcode``/``errortext``."""
+        becomes the failure's ``errorcode``/``errortext``.
+
+        With ``tx`` (the change's own transaction) the job row commits together with the
+        change and the task starts once it has committed: a change is never committed
+        without the job that reports it, nor a job without its change."""
         if self._closed:
             raise ApiError(INTERNAL_ERROR, "manager is shutting down")
         store: Store = ctx.store
@@ -81,8 +87,21 @@ class JobRunner:
             created=now,
             updated=now,
         )
-        async with store.transaction() as tx:
+        if tx is None:
+            async with store.transaction() as own:
+                await own.add_job(job)
+            self._start(store, clock, job, coro_fn)
+        else:
             await tx.add_job(job)
+            tx.on_commit(lambda: self._start(store, clock, job, coro_fn))
+        return job.id
+
+    def _start(self, store: Store, clock: Callable[[], float], job: Job, coro_fn: JobFn) -> None:
+        if self._closed:
+            # Committed while the manager stops: left pending, failed by recover() at the
+            # next start like any job the manager did not finish.
+            log.warning("event=job_not_started job=%s command=%s", job.id, job.command)
+            return
         task = asyncio.create_task(self._run(store, clock, job, coro_fn), name=f"job-{job.id}")
         self._tasks[job.id] = task
         job_id = job.id
@@ -91,8 +110,7 @@ class JobRunner:
             self._tasks.pop(job_id, None)
 
         task.add_done_callback(forget)
-        log.info("event=job_submitted job=%s command=%s", job.id, command)
-        return job.id
+        log.info("event=job_submitted job=%s command=%s", job.id, job.command)
 
     async def _run(
         self, store: Store, clock: Callable[[], float], job: Job, coro_fn: JobFn

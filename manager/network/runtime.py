@@ -268,6 +268,6 @@ async def wait_applied(
         wait = max(0.0, min(next_read, deadline) - clock())
         waiter = getattr(links, "wait_config_acks", None)
         if callable(waiter):
-            await waiter(wait)
+            await waiter(list(pending), wait)
         else:
             await asyncio.sleep(wait)

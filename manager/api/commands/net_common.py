@@ -76,10 +76,11 @@ async def submit_apply(
     instance_type: str,
     instance_id: str,
     on_failure: Callable[[], Awaitable[None]] | None = None,
+    tx: Any = None,
 ) -> AsyncResult:
-    """The async part of a rule change already committed: wait for the routers to apply
-    it; if one reports a failure, run ``on_failure`` (undo) and fail the job with the
-    router's reason."""
+    """The async part of a rule change: wait for the routers to apply it; if one reports
+    a failure, run ``on_failure`` (undo) and fail the job with the router's reason. Called
+    inside the change's transaction (``tx``), the job commits with the change."""
     store = call.ctx.store
 
     async def work() -> Mapping[str, Any]:
@@ -93,6 +94,6 @@ async def submit_apply(
         return await result()
 
     job_id = await call.jobs.submit(
-        call.ctx, command, call.user.account_id, work, instance_type, instance_id
+        call.ctx, command, call.user.account_id, work, instance_type, instance_id, tx=tx
     )
     return AsyncResult(job_id, id=instance_id)

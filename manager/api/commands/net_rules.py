@@ -89,37 +89,35 @@ async def _commit(
     instance_type: str,
     undo_table: str | None,
 ) -> AsyncResult:
-    """Validate + write + bump in one transaction (431 on NetError), then the async wait."""
-    try:
-        async with call.ctx.store.transaction() as tx:
-            object_id = await build(tx)
-            versions = await changed(tx, network_id)
-    except NetError as e:
-        raise param_error(str(e)) from None
+    """Validate + write + bump + the job that waits for the routers, in one transaction
+    (431 on NetError)."""
+    object_id = ""
 
-    undo = None
-    if undo_table is not None:
-        table = undo_table
-
-        async def undo_fn() -> None:
-            async with call.ctx.store.transaction() as tx2:
-                await ns.delete_rule(tx2, table, object_id)
-                await changed(tx2, network_id)
-
-        undo = undo_fn
+    async def undo_fn() -> None:
+        assert undo_table is not None
+        async with call.ctx.store.transaction() as tx2:
+            await ns.delete_rule(tx2, undo_table, object_id)
+            await changed(tx2, network_id)
 
     async def res() -> Mapping[str, Any]:
         return await result(object_id)
 
-    return await submit_apply(
-        call,
-        command,
-        versions,
-        res,
-        instance_type=instance_type,
-        instance_id=object_id,
-        on_failure=undo,
-    )
+    try:
+        async with call.ctx.store.transaction() as tx:
+            object_id = await build(tx)
+            versions = await changed(tx, network_id)
+            return await submit_apply(
+                call,
+                command,
+                versions,
+                res,
+                instance_type=instance_type,
+                instance_id=object_id,
+                on_failure=undo_fn if undo_table is not None else None,
+                tx=tx,
+            )
+    except NetError as e:
+        raise param_error(str(e)) from None
 
 
 async def _delete(
@@ -129,16 +127,16 @@ async def _delete(
     if found is None or found[0] not in tables:
         raise param_error(f"Unable to find rule with id {rule_id}")
     table, network_id = found
-    async with call.ctx.store.transaction() as tx:
-        await ns.delete_rule(tx, table, rule_id)
-        versions = await changed(tx, network_id)
 
     async def ok() -> Mapping[str, Any]:
         return {"success": True}
 
-    return await submit_apply(
-        call, command, versions, ok, instance_type=instance_type, instance_id=rule_id
-    )
+    async with call.ctx.store.transaction() as tx:
+        await ns.delete_rule(tx, table, rule_id)
+        versions = await changed(tx, network_id)
+        return await submit_apply(
+            call, command, versions, ok, instance_type=instance_type, instance_id=rule_id, tx=tx
+        )
 
 
 # --- public IPs ----------------------------------------------------------------------
@@ -226,12 +224,7 @@ async def associate_ip(call: Call) -> AsyncResult:
             await ns.delete_public_ip(tx, ip_id)
             await changed(tx, net.id)
 
-    try:
-        async with call.ctx.store.transaction() as tx:
-            ip_id = await build(tx)
-            versions = await changed(tx, net.id)
-    except NetError as e:
-        raise param_error(str(e)) from None
+    ip_id = ""
 
     async def res() -> Mapping[str, Any]:
         return await result(ip_id)
@@ -239,15 +232,22 @@ async def associate_ip(call: Call) -> AsyncResult:
     async def undo() -> None:
         await undo_ip(ip_id)
 
-    return await submit_apply(
-        call,
-        "associateIpAddress",
-        versions,
-        res,
-        instance_type="IpAddress",
-        instance_id=ip_id,
-        on_failure=undo,
-    )
+    try:
+        async with call.ctx.store.transaction() as tx:
+            ip_id = await build(tx)
+            versions = await changed(tx, net.id)
+            return await submit_apply(
+                call,
+                "associateIpAddress",
+                versions,
+                res,
+                instance_type="IpAddress",
+                instance_id=ip_id,
+                on_failure=undo,
+                tx=tx,
+            )
+    except NetError as e:
+        raise param_error(str(e)) from None
 
 
 @api_command(
@@ -299,6 +299,10 @@ async def disassociate_ip(call: Call) -> AsyncResult:
             "released with the network (deleteNetwork)"
         )
     network_id = p.network_id
+
+    async def ok() -> Mapping[str, Any]:
+        return {"success": True}
+
     async with call.ctx.store.transaction() as tx:
         for table in (FW_TABLE, PF_TABLE, LB_TABLE):
             for r in await tx.fetchall(
@@ -308,13 +312,15 @@ async def disassociate_ip(call: Call) -> AsyncResult:
                 await ns.delete_rule(tx, table, r["id"])
         await ns.delete_public_ip(tx, p.id)
         versions = await changed(tx, network_id) if network_id else {}
-
-    async def ok() -> Mapping[str, Any]:
-        return {"success": True}
-
-    return await submit_apply(
-        call, "disassociateIpAddress", versions, ok, instance_type="IpAddress", instance_id=p.id
-    )
+        return await submit_apply(
+            call,
+            "disassociateIpAddress",
+            versions,
+            ok,
+            instance_type="IpAddress",
+            instance_id=p.id,
+            tx=tx,
+        )
 
 
 @api_command(
@@ -379,16 +385,22 @@ async def disable_static_nat(call: Call) -> AsyncResult:
     if p.static_nat_vm_id is None or p.network_id is None:
         raise param_error(f"Static NAT is not enabled on IP address {p.address}")
     network_id = p.network_id
-    async with call.ctx.store.transaction() as tx:
-        await ns.set_static_nat(tx, p.id, None, None)
-        versions = await changed(tx, network_id)
 
     async def ok() -> Mapping[str, Any]:
         return {"success": True}
 
-    return await submit_apply(
-        call, "disableStaticNat", versions, ok, instance_type="IpAddress", instance_id=p.id
-    )
+    async with call.ctx.store.transaction() as tx:
+        await ns.set_static_nat(tx, p.id, None, None)
+        versions = await changed(tx, network_id)
+        return await submit_apply(
+            call,
+            "disableStaticNat",
+            versions,
+            ok,
+            instance_type="IpAddress",
+            instance_id=p.id,
+            tx=tx,
+        )
 
 
 # --- firewall (ingress and egress) -----------------------------------------------------
@@ -1010,12 +1022,22 @@ async def _members_change(call: Call, command: str, add: bool) -> AsyncResult:
     if not vm_ids:
         raise param_error("Give virtualmachineids (or vmidipmap) of the VMs")
     done: list[str] = []
+
+    async def undo() -> None:
+        if not add:
+            return  # removing a member cannot make an apply fail in a way re-adding fixes
+        async with call.ctx.store.transaction() as tx2:
+            for vm_id in done:
+                await ns.remove_lb_member(tx2, lb.id, vm_id)
+            await changed(tx2, lb.network_id)
+
+    async def ok() -> Mapping[str, Any]:
+        return {"success": True}
+
     try:
         async with call.ctx.store.transaction() as tx:
-            current = next(
-                x for x in await ns.list_lbs(tx, network_id=lb.network_id) if x.id == lb.id
-            )
-            members = {m[0] for m in current.members}
+            current = await ns.list_lbs(tx, rule_id=lb.id)
+            members = {m[0] for m in current[0].members} if current else set()
             for vm_id in dict.fromkeys(vm_ids):
                 if add:
                     if vm_id in members:
@@ -1027,29 +1049,18 @@ async def _members_change(call: Call, command: str, add: bool) -> AsyncResult:
                         raise NetError(f"virtual machine {vm_id} is not assigned to {lb.name}")
                 done.append(vm_id)
             versions = await changed(tx, lb.network_id)
+            return await submit_apply(
+                call,
+                command,
+                versions,
+                ok,
+                instance_type="LoadBalancerRule",
+                instance_id=lb.id,
+                on_failure=undo if add else None,
+                tx=tx,
+            )
     except NetError as e:
         raise param_error(str(e)) from None
-
-    async def undo() -> None:
-        if not add:
-            return  # removing a member cannot make an apply fail in a way re-adding fixes
-        async with call.ctx.store.transaction() as tx:
-            for vm_id in done:
-                await ns.remove_lb_member(tx, lb.id, vm_id)
-            await changed(tx, lb.network_id)
-
-    async def ok() -> Mapping[str, Any]:
-        return {"success": True}
-
-    return await submit_apply(
-        call,
-        command,
-        versions,
-        ok,
-        instance_type="LoadBalancerRule",
-        instance_id=lb.id,
-        on_failure=undo if add else None,
-    )
 
 
 _MEMBER_PARAMS = (

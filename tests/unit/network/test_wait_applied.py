@@ -49,6 +49,7 @@ class Links:
         self.sessions = {i: Session() for i in ids}
         self.waiters: set[asyncio.Future[None]] = set()
         self.status_requests = 0
+        self.waited_for: list[list[str]] = []
 
     def is_connected(self, vm_id: str) -> bool:
         return vm_id in self.sessions
@@ -61,7 +62,8 @@ class Links:
         s = self.sessions.get(vm_id)
         return s.failed_version if s else 0
 
-    async def wait_config_acks(self, timeout: float) -> None:
+    async def wait_config_acks(self, vm_ids: list[str], timeout: float) -> None:
+        self.waited_for.append(sorted(vm_ids))
         fut = asyncio.get_running_loop().create_future()
         self.waiters.add(fut)
         try:
@@ -105,8 +107,12 @@ async def test_acks_end_the_wait_at_once_without_polling_the_store(links: Links)
     assert not task.done() and store.reads == 2  # one read each, at the start
     t0 = time.monotonic()
     links.ack("a", 3)
-    await asyncio.sleep(0)
+    for _ in range(50):  # let the task see the ack and wait again
+        if len(links.waited_for) == 2:
+            break
+        await asyncio.sleep(0)
     assert not task.done()
+    assert links.waited_for == [["a", "b"], ["b"]]  # only what is still pending
     links.ack("b", 2)
     await asyncio.wait_for(task, 1)
     assert time.monotonic() - t0 < 1.0  # not the 30 s poll interval
