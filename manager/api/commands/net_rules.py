@@ -1037,7 +1037,9 @@ async def _members_change(call: Call, command: str, add: bool) -> AsyncResult:
     try:
         async with call.ctx.store.transaction() as tx:
             current = await ns.list_lbs(tx, rule_id=lb.id)
-            members = {m[0] for m in current[0].members} if current else set()
+            if not current:  # deleted since the lookup above
+                raise NetError(f"Unable to find load balancer rule with id {lb.id}")
+            members = {m[0] for m in current[0].members}
             for vm_id in dict.fromkeys(vm_ids):
                 if add:
                     if vm_id in members:
