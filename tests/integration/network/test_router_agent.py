@@ -481,3 +481,56 @@ async def test_production_entry_point_applies_first_config(env: Env) -> None:
 
     outcome = await wait_until(settled, "the router to start or its start job to fail", 60)
     assert outcome == "Running", outcome + "\n" + agent_log(env.by_router.get(router["id"]))
+
+
+async def test_a_burst_of_rule_changes_reaches_the_real_router(env: Env) -> None:
+    """20 createFirewallRule calls at once on one network: every job succeeds, the real
+    router ends up enforcing all 20 rules, and it applied fewer configs than it was sent
+    (the agent keeps only the newest pending config; an ack of version V covers every
+    job waiting for a version up to V)."""
+    api = env.api
+    net, router = await create_network(api)
+    rid = router["id"]
+
+    async def running() -> bool:
+        return bool((await router_state(api, rid))["state"] == "Running")
+
+    await wait_until(running, "the router to connect and apply its first config", 60)
+    vm = env.vm(rid)
+    snat = (await api.call("listPublicIpAddresses", associatednetworkid=net["id"]))[
+        "publicipaddress"
+    ][0]
+    before = (await router_state(api, rid))["appliedversion"]
+    ports = list(range(41000, 41020))
+    calls = [
+        api.call(
+            "createFirewallRule",
+            ipaddressid=snat["id"],
+            protocol="tcp",
+            startport=p,
+            endport=p,
+            cidrlist="203.0.113.0/24",
+        )
+        for p in ports
+    ]
+    started = await asyncio.gather(*calls)
+
+    async def all_done() -> list[dict[str, Any]] | None:
+        res = [await api.call("queryAsyncJobResult", jobid=s["jobid"]) for s in started]
+        return res if all(r["jobstatus"] != 0 for r in res) else None
+
+    results = await wait_until(all_done, "the 20 jobs to finish", 90)
+    assert all(r["jobstatus"] == 1 for r in results), ([r for r in results], agent_log(vm))
+    state = await router_state(api, rid)
+    assert state["appliedversion"] == state["desiredversion"] == before + len(ports), state
+    # The ingress firewall is in mangle (SVM-FW-IN), as on CloudStack's VR.
+    rules = await vm.x("iptables-save", "-t", "mangle")
+    fw_in = [ln for ln in rules.splitlines() if ln.startswith("-A SVM-FW-IN ")]
+    missing = [p for p in ports if not any(f"--dport {p} " in ln for ln in fw_in)]
+    assert not missing, (missing, rules[-3000:])
+    log = vm.log.read_text() if vm.log else ""
+    applied = sum(
+        1 for ln in log.splitlines()
+        if "event=config_applied" in ln and int(ln.rsplit("version=", 1)[1].split()[0]) > before
+    )  # fmt: skip
+    assert 1 <= applied <= len(ports), applied
