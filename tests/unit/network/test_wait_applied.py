@@ -115,7 +115,7 @@ async def test_acks_end_the_wait_at_once_without_polling_the_store(links: Links)
     assert links.waited_for == [["a", "b"], ["b"]]  # only what is still pending
     links.ack("b", 2)
     await asyncio.wait_for(task, 1)
-    assert time.monotonic() - t0 < 1.0  # not the 30 s poll interval
+    assert time.monotonic() - t0 < 5.0  # far from the 30 s poll interval
     assert store.reads == 2
 
 
