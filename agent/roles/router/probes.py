@@ -13,7 +13,17 @@ from pathlib import Path
 
 
 class ProbeError(Exception):
-    pass
+    """A check failed. ``timed_out``: the service gave no answer within the limit (it may
+    only be slow: the caller may try again with a longer one), as opposed to a refusal or
+    a wrong answer."""
+
+    def __init__(self, text: str, *, timed_out: bool = False) -> None:
+        super().__init__(text)
+        self.timed_out = timed_out
+
+
+def _late(what: str, limit: float) -> ProbeError:
+    return ProbeError(f"{what}: no answer within {limit:g} s", timed_out=True)
 
 
 # --- DNS (pure) ----------------------------------------------------------------------
@@ -86,7 +96,7 @@ async def resolve(server: str, name: str, limit: float = 1.0) -> list[str]:
         async with asyncio.timeout(limit):
             data = await fut
     except TimeoutError:
-        raise ProbeError(f"no DNS answer from {server} for {name}") from None
+        raise _late(f"DNS query to {server} for {name}", limit) from None
     except OSError as e:
         raise ProbeError(f"DNS to {server}: {e}") from None
     finally:
@@ -110,8 +120,10 @@ async def haproxy_info(sock: Path, limit: float = 1.0) -> dict[str, str]:
                 writer.close()
                 with contextlib.suppress(OSError):
                     await writer.wait_closed()
-    except (TimeoutError, OSError) as e:
-        raise ProbeError(f"haproxy stats socket {sock}: {e or 'timeout'}") from None
+    except TimeoutError:
+        raise _late(f"haproxy stats socket {sock}", limit) from None
+    except OSError as e:
+        raise ProbeError(f"haproxy stats socket {sock}: {e}") from None
     info = {}
     for line in data.decode(errors="replace").splitlines():
         k, sep, v = line.partition(":")
@@ -135,8 +147,10 @@ async def http_get(host: str, port: int, path: str, limit: float = 1.0) -> tuple
                 writer.close()
                 with contextlib.suppress(OSError):
                     await writer.wait_closed()
-    except (TimeoutError, OSError) as e:
-        raise ProbeError(f"http://{host}:{port}{path}: {e or 'timeout'}") from None
+    except TimeoutError:
+        raise _late(f"http://{host}:{port}{path}", limit) from None
+    except OSError as e:
+        raise ProbeError(f"http://{host}:{port}{path}: {e}") from None
     head, _, body = data.partition(b"\r\n\r\n")
     parts = head.split(b" ", 2)
     if len(parts) < 2 or not parts[1].isdigit():
@@ -154,8 +168,10 @@ async def ssh_banner(host: str, port: int, limit: float = 1.0) -> str:
                 writer.close()
                 with contextlib.suppress(OSError):
                     await writer.wait_closed()
-    except (TimeoutError, OSError) as e:
-        raise ProbeError(f"ssh {host}:{port}: {e or 'timeout'}") from None
+    except TimeoutError:
+        raise _late(f"ssh {host}:{port}", limit) from None
+    except OSError as e:
+        raise ProbeError(f"ssh {host}:{port}: {e}") from None
     text = line.decode(errors="replace").strip()
     if not text.startswith("SSH-2.0-"):
         raise ProbeError(f"ssh {host}:{port}: bad banner {text[:40]!r}")

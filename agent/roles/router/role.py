@@ -53,6 +53,7 @@ log = logging.getLogger("sysvm.agent.router")
 
 STATS_FILE = "router-stats.json"
 STATS_METHOD = "router.stats"
+PROBE_LIMIT = 1.0  # seconds a verify check first waits for an answer (doubled when late)
 
 
 class _Failed(Exception):
@@ -530,25 +531,40 @@ class RouterRole:
 
         return Daemon(name, argv, ready, ready_timeout=self.timeout)
 
-    async def _probe(self, name: str) -> str:
+    async def _probe(self, name: str, limit: float = PROBE_LIMIT) -> str:
         cfg = self.cfg
         assert cfg is not None
         me = str(cfg.interfaces.guest.address)  # where dnsmasq and apache listen
         if name == "dnsmasq":
-            ans = await probes.resolve(me, self.env.router_name)
+            ans = await probes.resolve(me, self.env.router_name, limit)
             if me not in ans:
                 raise probes.ProbeError(f"dnsmasq answered {ans} for {self.env.router_name}")
             return "ok"
         if name == "haproxy":
-            return (await probes.haproxy_info(self.paths.haproxy_sock))["Pid"]
+            return (await probes.haproxy_info(self.paths.haproxy_sock, limit))["Pid"]
         if name == "apache":
-            code, _ = await probes.http_get(me, 80, "/sysvm-health")
+            code, _ = await probes.http_get(me, 80, "/sysvm-health", limit)
             if code != 200:
                 raise probes.ProbeError(f"apache health answered HTTP {code}")
             return "ok"
         ctl = cfg.interfaces.control
         assert ctl is not None
-        return await probes.ssh_banner(str(ctl.ip), ctl.ssh_port)
+        return await probes.ssh_banner(str(ctl.ip), ctl.ssh_port, limit)
+
+    async def _probe_patiently(self, name: str) -> str:
+        """A verify check that tells slow from broken: a refusal or a wrong answer fails at
+        once; no answer in time is asked again with twice the limit, within the role's
+        timeout (a router busy applying, or a host busy with many routers, answers late)."""
+        limit, spent = PROBE_LIMIT, 0.0
+        while True:
+            try:
+                return await self._probe(name, limit)
+            except probes.ProbeError as e:
+                spent += limit
+                if not e.timed_out or spent + 2 * limit > self.timeout:
+                    raise
+                log.info("event=probe_slow name=%s waited=%.1f", name, spent)
+                limit *= 2
 
     async def _act(self, actions: Mapping[str, str]) -> None:
         for name in plan.ORDER:
@@ -636,7 +652,7 @@ class RouterRole:
                 if d is None or not d.running():
                     raise _Failed(f"verify: {name} is not running")
                 try:
-                    await self._probe(name)
+                    await self._probe_patiently(name)
                 except probes.ProbeError as e:
                     raise _Failed(f"verify {name}: {e}") from None
 

@@ -82,7 +82,7 @@ class RouterVm:
 class Env:
     api: Api
     prefix: str
-    base: str  # 10.199.N: slot k's management /30 is base.4k+0 .. base.4k+3
+    base: str  # 10.199.N: slot k's management /31 is base.2k (namespace), base.2k+1 (host)
     tmp: Path
     slots: list[RouterVm] = field(default_factory=list)
     by_router: dict[str, RouterVm] = field(default_factory=dict)
@@ -92,6 +92,7 @@ class Env:
     # NIC index → namespace that holds the far end of that NIC's veth (default: the
     # router's own namespace, i.e. nothing behind the NIC)
     peer_ns: dict[int, str] = field(default_factory=dict)
+    slot_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def mgr_ip(self) -> str:
@@ -114,19 +115,25 @@ async def wait_until(cond: Any, what: str, timeout: float = 30.0) -> Any:
         await asyncio.sleep(0.1)
 
 
+MAX_SLOTS = 128  # one /31 each in the run's /24
+
+
 async def add_slot(prefix: str, base: str, tmp: Path, slot: int) -> RouterVm:
-    """A namespace with a veth to the host (its /30); routes to the manager's address."""
+    """A namespace with a veth to the host (a /31: host base.2k+1, namespace base.2k);
+    routes to the manager's address (base.1, the host side of slot 0)."""
+    if slot >= MAX_SLOTS:
+        raise AssertionError(f"at most {MAX_SLOTS - 1} router slots in one /24")
     vm = RouterVm(ns=f"{prefix}n-vr{slot}", host_if=f"{prefix}nh{slot}", tmp=tmp / f"vm{slot}")
     vm.tmp.mkdir(mode=0o755)
     await sh("ip", "netns", "add", vm.ns)
     await sh("ip", "link", "add", vm.host_if, "type", "veth", "peer", "name", "mg0", "netns", vm.ns)
-    await sh("ip", "addr", "add", f"{base}.{4 * slot + 1}/30", "dev", vm.host_if)
+    await sh("ip", "addr", "add", f"{base}.{2 * slot + 1}/31", "dev", vm.host_if)
     await sh("ip", "link", "set", vm.host_if, "up")
-    await vm.x("ip", "addr", "add", f"{base}.{4 * slot + 2}/30", "dev", "mg0")
+    await vm.x("ip", "addr", "add", f"{base}.{2 * slot}/31", "dev", "mg0")
     await vm.x("ip", "link", "set", "mg0", "up")
     await vm.x("ip", "link", "set", "lo", "up")
     if slot:
-        await vm.x("ip", "route", "add", f"{base}.1/32", "via", f"{base}.{4 * slot + 1}")
+        await vm.x("ip", "route", "add", f"{base}.1/32", "via", f"{base}.{2 * slot + 1}")
     return vm
 
 
@@ -239,13 +246,14 @@ class NetnsLauncher:
     async def start(self, ctx: Any, vm: Any) -> None:
         await self._note("start", vm.id)
         e = self.e
-        # Slot 0 only carries the manager's address: never a router, so destroying a
-        # router never takes the manager off the net.
-        free = [s for s in e.slots[1:] if s not in e.by_router.values()]
-        slot = free[0] if free else await add_slot(e.prefix, e.base, e.tmp, len(e.slots))
-        if slot not in e.slots:
-            e.slots.append(slot)
-        await boot_agent(e, slot, vm.id)
+        async with e.slot_lock:  # concurrent start jobs must not take the same slot
+            # Slot 0 only carries the manager's address: never a router, so destroying a
+            # router never takes the manager off the net.
+            free = [s for s in e.slots[1:] if s not in e.by_router.values()]
+            slot = free[0] if free else await add_slot(e.prefix, e.base, e.tmp, len(e.slots))
+            if slot not in e.slots:
+                e.slots.append(slot)
+            await boot_agent(e, slot, vm.id)
 
     async def stop(self, ctx: Any, vm: Any) -> None:
         await self._note("stop", vm.id)
@@ -534,3 +542,78 @@ async def test_a_burst_of_rule_changes_reaches_the_real_router(env: Env) -> None
         if "event=config_applied" in ln and int(ln.rsplit("version=", 1)[1].split()[0]) > before
     )  # fmt: skip
     assert 1 <= applied <= len(ports), applied
+
+
+async def test_one_change_reaches_many_real_routers_at_once(env: Env) -> None:
+    """Pushes to many real routers (the agent and its daemons, each in its namespace; 8
+    here, ``SYSVM_TEST_REAL_ROUTERS`` for more, up to 127): one updateConfiguration changes
+    every router's config, then one createFirewallRule per network, all at once. Each
+    router must apply and enforce its own change; the times are printed (``-s``)."""
+    api = env.api
+    n = int(os.environ.get("SYSVM_TEST_REAL_ROUTERS", "8"))
+    nets = [await create_network(api) for _ in range(n)]
+    ids = {router["id"] for _net, router in nets}
+
+    async def routers() -> dict[str, dict[str, Any]]:
+        listed = (await api.call("listRouters", listall=True))["router"]
+        return {r["id"]: r for r in listed if r["id"] in ids}
+
+    async def all_running() -> bool:
+        rs = await routers()
+        return len(rs) == n and all(r["state"] == "Running" for r in rs.values())
+
+    await wait_until(all_running, f"{n} routers Running", 120)
+    before = {rid: r["desiredversion"] for rid, r in (await routers()).items()}
+
+    t0 = time.monotonic()
+    await api.call("updateConfiguration", name="router.stats.interval", value="777")
+
+    async def all_applied() -> bool:
+        rs = await routers()
+        return all(
+            r["desiredversion"] > before[rid] and r["appliedversion"] == r["desiredversion"]
+            for rid, r in rs.items()
+        )
+
+    await wait_until(all_applied, f"the setting applied on all {n} routers", 60)
+    setting_s = time.monotonic() - t0
+    for rid in ids:
+        applied = json.loads((env.vm(rid).tmp / "state" / "applied.json").read_text())
+        assert applied["config"]["router"]["stats"]["interval"] == 777, (rid, applied)
+
+    ports = {router["id"]: 42000 + i for i, (_net, router) in enumerate(nets)}
+    snats = {
+        router["id"]: (await api.call("listPublicIpAddresses", associatednetworkid=net["id"]))[
+            "publicipaddress"
+        ][0]["id"]
+        for net, router in nets
+    }
+    t0 = time.monotonic()
+    calls = [
+        api.call(
+            "createFirewallRule",
+            ipaddressid=snats[rid],
+            protocol="tcp",
+            startport=ports[rid],
+            endport=ports[rid],
+            cidrlist="203.0.113.0/24",
+        )
+        for rid in ids
+    ]
+    started = await asyncio.gather(*calls)
+
+    async def all_done() -> list[dict[str, Any]] | None:
+        res = [await api.call("queryAsyncJobResult", jobid=s["jobid"]) for s in started]
+        return res if all(r["jobstatus"] != 0 for r in res) else None
+
+    results = await wait_until(all_done, f"the {n} jobs to finish", 90)
+    rules_s = time.monotonic() - t0
+    assert all(r["jobstatus"] == 1 for r in results), results
+    for rid, port in ports.items():
+        mangle = await env.vm(rid).x("iptables-save", "-t", "mangle")
+        mine = [ln for ln in mangle.splitlines() if ln.startswith("-A SVM-FW-IN ")]
+        assert any(f"--dport {port} " in ln for ln in mine), (rid, port, mangle[-2000:])
+        others = set(ports.values()) - {port}
+        assert not any(f"--dport {p} " in ln for ln in mine for p in others), (rid, mangle)
+    print(f"{n} real routers: one setting applied on all in {setting_s:.2f} s; "
+          f"{n} rule changes at once, all jobs done in {rules_s:.2f} s")  # fmt: skip
