@@ -45,7 +45,7 @@ from websockets.frames import DATA_OPCODES, Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import Event
 
-from manager import enrolment
+from manager import enrolment, vm_events
 from manager.desired import render_config
 from manager.logs import kv
 from manager.metrics import Metrics
@@ -1024,6 +1024,8 @@ class AgentLinks:
             self._dirty_event.set()
         else:
             self.metrics.inc("sysvm_config_acks_total", result="failed")
+            if msg.version > sess.failed_version:  # once per version: event + alert
+                self._spawn(self._config_failure(sess.vm_id, msg.version, sess.acked, msg.error))
             if msg.version >= sess.failed_version:
                 sess.failed_version = msg.version
                 sess.failed_error = msg.error[:500]
@@ -1033,6 +1035,23 @@ class AgentLinks:
                 msg.version,
                 kv(msg.error[:300]),
             )
+
+    async def _config_failure(self, vm_id: str, version: int, kept: int, error: str) -> None:
+        """What an operator sees of a config the agent could not apply (it rolled back and
+        keeps serving ``kept``): an ERROR event and an alert. An API change also fails its
+        job with the reason; a settings change has no job, so this is where it shows."""
+        try:
+            vm = await self.store.get_system_vm(vm_id)
+            if vm is None or vm.role not in vm_events.ALERT_TYPES:
+                return
+            reason = " ".join(error.split())[:300] or "(no reason given)"
+            text = f"could not apply config version {version}, keeps version {kept}: {reason}"
+            async with self.store.transaction() as tx:
+                await vm_events.record(
+                    tx, vm, "CONFIG.FAILED", "ERROR", text, now=self.clock(), alert=True
+                )
+        except Exception as e:  # an alert must never take the link down
+            log.warning("event=config_failure_not_recorded vm=%s error=%s", vm_id, kv(repr(e)))
 
     async def _command_result(self, sess: Session, msg: m.CommandResult) -> None:
         cmd = await self.store.get_command(msg.id)

@@ -26,12 +26,12 @@ import enum
 import ipaddress
 import logging
 import math
-import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from manager import vm_events
 from manager.hypervisor.base import (
     NIC_KINDS,
     Driver,
@@ -42,7 +42,7 @@ from manager.hypervisor.base import (
     bridge_name,
     guest_bridge_name,
 )
-from manager.store.base import Alert, Event, Role, SystemVm, VmState, Zone
+from manager.store.base import Role, SystemVm, VmState, Zone
 
 if TYPE_CHECKING:
     from manager.context import ManagerContext
@@ -51,15 +51,6 @@ log = logging.getLogger("sysvm.lifecycle")
 
 KEEP_ROLES = (Role.CONSOLE_PROXY, Role.SECONDARY_STORAGE)
 LIVE_STATES = (VmState.STARTING, VmState.RUNNING, VmState.STOPPING, VmState.STOPPED, VmState.ERROR)
-
-# CloudStack alert types (AlertManager): 9 = SSVM, 10 = console proxy, 12 = domain router.
-ALERT_TYPES = {Role.SECONDARY_STORAGE: 9, Role.CONSOLE_PROXY: 10, Role.ROUTER: 12}
-ALERT_NAMES = {
-    Role.SECONDARY_STORAGE: "ALERT.SERVICE.SSVM",
-    Role.CONSOLE_PROXY: "ALERT.SERVICE.CONSOLEPROXY",
-    Role.ROUTER: "ALERT.SERVICE.DOMAINROUTER",
-}
-EVENT_PREFIX = {Role.SECONDARY_STORAGE: "SSVM", Role.CONSOLE_PROXY: "PROXY", Role.ROUTER: "ROUTER"}
 
 
 class Kind(enum.StrEnum):
@@ -380,10 +371,6 @@ async def _router_size(ctx: ManagerContext, vm: SystemVm) -> tuple[int, int]:
     return router_sizing(await ns.list_router_offerings(ctx.store), offering_id)
 
 
-def event_type(role: Role, what: str) -> str:
-    return f"{EVENT_PREFIX[role]}.{what}"
-
-
 # ---------------------------------------------------------------- operations (I/O)
 
 
@@ -461,24 +448,10 @@ async def _record(
     **fields: Any,
 ) -> None:
     """State change + event (+ alert) in one transaction."""
-    now = ctx.clock()
     async with ctx.store.transaction() as tx:
         if fields:
             await tx.update_system_vm(vm.id, **fields)
-        await tx.add_event(
-            Event(
-                id=str(uuid.uuid4()), type=event_type(vm.role, what), level=level,
-                description=description, account_id=None, resource_id=vm.id, created=now,
-            )
-        )  # fmt: skip
-        if alert:
-            await tx.add_alert(
-                Alert(
-                    id=str(uuid.uuid4()), type=ALERT_TYPES[vm.role], name=ALERT_NAMES[vm.role],
-                    subject=f"{vm.name}: {description}"[:200], description=description,
-                    zone_id=vm.zone_id, created=now,
-                )
-            )  # fmt: skip
+        await vm_events.record(tx, vm, what, level, description, now=ctx.clock(), alert=alert)
 
 
 def _host_prefix(ctx: ManagerContext, drv: Driver) -> str:

@@ -438,6 +438,22 @@ async def test_api_to_real_router_applied_failed_and_replaced(env: Env) -> None:
     )
     assert await api.call("listLoadBalancerRuleInstances", id=lb_id) == {}  # member removed
 
+    # The operator also sees it where a settings change (which has no job) would show it:
+    # an ERROR event and a domain router alert with the router's reason.
+    async def alerted() -> list[dict[str, Any]]:
+        listed = (await api.call("listAlerts")).get("alert", [])
+        return [
+            a
+            for a in listed
+            if a["name"] == "ALERT.SERVICE.DOMAINROUTER" and a["type"] == 12
+            and a["subject"].startswith(f"{router['name']}: could not apply config version")
+        ]  # fmt: skip
+
+    alert = (await wait_until(alerted, "a domain router alert for the failed apply", 10))[0]
+    assert "haproxy" in alert["description"] and "keeps version" in alert["description"], alert
+    events = (await api.call("listEvents", type="ROUTER.CONFIG.FAILED")).get("event", [])
+    assert [ev["level"] for ev in events] == ["ERROR"], events
+
     # The router is healthy again on the undone config (acknowledged), PF rule still there.
     async def recovered() -> bool:
         r = await router_state(api, rid)
