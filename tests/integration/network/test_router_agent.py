@@ -507,6 +507,30 @@ async def test_production_entry_point_applies_first_config(env: Env) -> None:
     assert outcome == "Running", outcome + "\n" + agent_log(env.by_router.get(router["id"]))
 
 
+async def firewall_rules_at_once(api: Api, rules: list[tuple[str, int]]) -> list[dict[str, Any]]:
+    """One createFirewallRule per (public IP id, port), all sent together; waits until
+    every job has finished and returns their queryAsyncJobResult answers."""
+    calls = [
+        api.call(
+            "createFirewallRule",
+            ipaddressid=ip_id,
+            protocol="tcp",
+            startport=port,
+            endport=port,
+            cidrlist="203.0.113.0/24",
+        )
+        for ip_id, port in rules
+    ]
+    started = await asyncio.gather(*calls)
+
+    async def all_done() -> list[dict[str, Any]] | None:
+        res = [await api.call("queryAsyncJobResult", jobid=s["jobid"]) for s in started]
+        return res if all(r["jobstatus"] != 0 for r in res) else None
+
+    done: list[dict[str, Any]] = await wait_until(all_done, f"{len(rules)} rule jobs", 90)
+    return done
+
+
 async def test_a_burst_of_rule_changes_reaches_the_real_router(env: Env) -> None:
     """20 createFirewallRule calls at once on one network: every job succeeds, the real
     router ends up enforcing all 20 rules, and it applied fewer configs than it was sent
@@ -526,24 +550,7 @@ async def test_a_burst_of_rule_changes_reaches_the_real_router(env: Env) -> None
     ][0]
     before = (await router_state(api, rid))["appliedversion"]
     ports = list(range(41000, 41020))
-    calls = [
-        api.call(
-            "createFirewallRule",
-            ipaddressid=snat["id"],
-            protocol="tcp",
-            startport=p,
-            endport=p,
-            cidrlist="203.0.113.0/24",
-        )
-        for p in ports
-    ]
-    started = await asyncio.gather(*calls)
-
-    async def all_done() -> list[dict[str, Any]] | None:
-        res = [await api.call("queryAsyncJobResult", jobid=s["jobid"]) for s in started]
-        return res if all(r["jobstatus"] != 0 for r in res) else None
-
-    results = await wait_until(all_done, "the 20 jobs to finish", 90)
+    results = await firewall_rules_at_once(api, [(snat["id"], p) for p in ports])
     assert all(r["jobstatus"] == 1 for r in results), ([r for r in results], agent_log(vm))
     state = await router_state(api, rid)
     assert state["appliedversion"] == state["desiredversion"] == before + len(ports), state
@@ -605,24 +612,7 @@ async def test_one_change_reaches_many_real_routers_at_once(env: Env) -> None:
         for net, router in nets
     }
     t0 = time.monotonic()
-    calls = [
-        api.call(
-            "createFirewallRule",
-            ipaddressid=snats[rid],
-            protocol="tcp",
-            startport=ports[rid],
-            endport=ports[rid],
-            cidrlist="203.0.113.0/24",
-        )
-        for rid in ids
-    ]
-    started = await asyncio.gather(*calls)
-
-    async def all_done() -> list[dict[str, Any]] | None:
-        res = [await api.call("queryAsyncJobResult", jobid=s["jobid"]) for s in started]
-        return res if all(r["jobstatus"] != 0 for r in res) else None
-
-    results = await wait_until(all_done, f"the {n} jobs to finish", 90)
+    results = await firewall_rules_at_once(api, [(snats[rid], ports[rid]) for rid in ids])
     rules_s = time.monotonic() - t0
     assert all(r["jobstatus"] == 1 for r in results), results
     for rid, port in ports.items():
