@@ -5,8 +5,7 @@ leaves neither (real SQLite store)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
-from pathlib import Path
+from collections.abc import Mapping
 from types import SimpleNamespace
 from typing import Any
 
@@ -16,15 +15,6 @@ from manager.api.jobs import JobRunner
 from manager.api.responses import ApiError
 from manager.store.base import JobStatus
 from manager.store.sqlite import SqliteStore
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    s = await SqliteStore.open(tmp_path / "sysvm.db")
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 class Boom(Exception):

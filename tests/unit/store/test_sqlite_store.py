@@ -6,7 +6,6 @@ import asyncio
 import sqlite3
 import stat
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -35,23 +34,6 @@ from manager.store.sqlite import (
     split_sql,
     token_outcome,
 )
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    s = await SqliteStore.open(tmp_path / "sysvm.db", clock=Clock())
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 def zone(name: str = "z1") -> Zone:
