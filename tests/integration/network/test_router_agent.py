@@ -24,7 +24,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,7 +149,8 @@ async def stop_agent(vm: RouterVm, sig: int = signal.SIGTERM) -> None:
     except TimeoutError:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(p.pid, signal.SIGKILL)
-        await p.wait()
+        async with asyncio.timeout(15 * TIMING):
+            await p.wait()
 
 
 async def remove_slot(vm: RouterVm) -> None:
@@ -318,24 +319,38 @@ async def env(netns_prefix: str, tmp_path: Path) -> AsyncIterator[Env]:
         LAUNCHER[0] = NetnsLauncher(e)
         yield e
     finally:
+        # The daemon's shutdown order (manager/app.py), each step bounded: a step that
+        # hangs is reported as a teardown failure, and the steps after it still run, so
+        # namespaces and processes never outlive the test.
         LAUNCHER[0] = saved
+        stuck: list[str] = []
+
+        async def step(what: str, aw: Awaitable[object], within: float = 30.0) -> None:
+            try:
+                async with asyncio.timeout(within * TIMING):
+                    await aw
+            except TimeoutError:
+                stuck.append(what)
+            except Exception as exc:  # keep tearing down; reported below
+                stuck.append(f"{what}: {exc!r}")
+
         for h in e.helpers if e is not None else []:
             if h.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(h.pid, signal.SIGKILL)
-                await h.wait()
+                await step(f"helper {h.pid} exit", h.wait())
         if ctx is not None:  # first, while the agents can still answer the close
-            with contextlib.suppress(Exception):
-                await ctx.links.close("test over")
+            await step("links.close", ctx.links.close("test over"))
+        if runner is not None:  # cancels running jobs; they record their failure
+            await step("runner.cleanup", runner.cleanup())
         for vm in e.slots if e is not None else slots:
-            await stop_agent(vm)
-            await remove_slot(vm)
-        if runner is not None:
-            await runner.cleanup()
+            await step(f"stop {vm.ns}", stop_agent(vm))
+            await step(f"remove {vm.ns}", remove_slot(vm))
         if ctx is not None:
-            await ctx.store.close()
+            await step("store.close", ctx.store.close())
         shutil.rmtree(tmp, ignore_errors=True)
         reset_runtime()
+        assert not stuck, f"teardown steps that failed or hung: {stuck}"
 
 
 def agent_log(vm: RouterVm | None) -> str:
