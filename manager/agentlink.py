@@ -366,6 +366,8 @@ class AgentLinks:
         self.methods: dict[str, MethodHandler] = {}
         self.event_handlers: list[EventHandler] = []
         self._dirty: set[str] = set()
+        # VM id -> futures of disconnect_and_wait() callers; woken when its session changes.
+        self._session_changed: dict[str, list[asyncio.Future[None]]] = {}
         self._dirty_event = asyncio.Event()
         self._command_waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._ack_waiters: dict[str, set[asyncio.Future[None]]] = {}
@@ -538,6 +540,35 @@ class AgentLinks:
             return False
         self._spawn(self._close(sess, code, reason))
         return True
+
+    async def disconnect_and_wait(self, vm_id: str, reason: str, within: float) -> bool:
+        """Closes the VM's live session (if any) and waits at most ``within`` seconds until
+        it is gone (or replaced by a newer one). Returns whether it is."""
+        old = self.sessions.get(vm_id)
+        if old is None:
+            return True
+        self.disconnect(vm_id, reason)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while self.sessions.get(vm_id) is old:
+            fut: asyncio.Future[None] = loop.create_future()
+            self._session_changed.setdefault(vm_id, []).append(fut)
+            try:
+                await asyncio.wait_for(fut, max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                break
+            finally:
+                waiting = self._session_changed.get(vm_id, [])
+                if fut in waiting:
+                    waiting.remove(fut)
+                if not waiting:
+                    self._session_changed.pop(vm_id, None)
+        return self.sessions.get(vm_id) is not old
+
+    def _wake_session_changed(self, vm_id: str) -> None:
+        for fut in self._session_changed.pop(vm_id, ()):
+            if not fut.done():
+                fut.set_result(None)
 
     async def revoke(self, vm_id: str, reason: str) -> list[int]:
         """Revokes every certificate of the VM (call when it is destroyed) and closes its live
@@ -859,6 +890,7 @@ class AgentLinks:
             # Registered from here: a change committed from now on reaches desired_changed;
             # one committed before is seen by the pusher, which re-reads the VM.
             self.sessions[vm.id] = sess
+            self._wake_session_changed(vm.id)
             if isinstance(conn, AgentConnection):
                 conn.fast_frame = functools.partial(self._fast_frame, sess)
             self._last_connect = time.monotonic()
@@ -895,6 +927,7 @@ class AgentLinks:
                 del self.sessions[vm.id]
                 self._gc_closed += 1
                 self._dirty.discard(vm.id)
+            self._wake_session_changed(vm.id)
             for fut in sess.waiters.values():
                 if not fut.done():
                     fut.set_exception(LinkError(f"vm {vm.id} disconnected"))

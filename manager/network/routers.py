@@ -203,6 +203,7 @@ async def boot(ctx: Any, vm_id: str) -> SystemVm:
     vm = await _vm(ctx, vm_id)
     await set_state(ctx, vm_id, VmState.STARTING)
     try:
+        await _drop_old_session(vm)
         await launcher().start(ctx, vm)
         await wait_applied(
             ctx.store,
@@ -219,6 +220,18 @@ async def boot(ctx: Any, vm_id: str) -> SystemVm:
         raise ApiError(INTERNAL_ERROR, f"router {vm.name} was destroyed while starting")
     log.info("event=router_running router=%s", vm.name)
     return await _vm(ctx, vm_id)
+
+
+async def _drop_old_session(vm: SystemVm, within: float = 10.0) -> None:
+    """A router being started must not be judged by a session left from its previous
+    boot (its acks are of that boot): such a session is closed, and gone, first."""
+    links = RUNTIME.links
+    if links is None or not links.is_connected(vm.id):
+        return
+    if not await links.disconnect_and_wait(vm.id, "vm starting", within):
+        raise ApiError(
+            INTERNAL_ERROR, f"the agent session of {vm.name}'s previous boot did not close"
+        )
 
 
 async def stop(ctx: Any, vm_id: str) -> SystemVm:

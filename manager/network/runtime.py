@@ -227,7 +227,11 @@ async def wait_applied(
 
     Acks wake it at once (the agent link's in-memory view, ahead of the store's group
     commit); the store is read at most every ``poll_interval`` for what only it knows (a
-    router destroyed, disconnected, or acked before this call)."""
+    router destroyed, disconnected, or acked before this call).
+
+    ``require_connected`` (a router booting): it counts as applied only once its agent is
+    connected and that session acknowledged the version (the agent's hello reports what
+    it re-applied from its own disk)."""
     links = RUNTIME.links
     limit = RUNTIME.apply_timeout if timeout is None else timeout
     deadline = clock() + limit
@@ -238,17 +242,20 @@ async def wait_applied(
         read_store = clock() >= next_read
         for rid, version in list(pending.items()):
             acked = _acked_version(links, rid)
+            connected = links is not None and links.is_connected(rid)
             if read_store:
                 vm = await store.get_system_vm(rid)
                 if vm is None or vm.state in (VmState.DESTROYED, VmState.EXPUNGING):
                     pending.pop(rid)
                     continue
                 names[rid] = vm.name
-                acked = max(acked, vm.applied_version)
-            if acked >= version:
+                if not require_connected:
+                    # Only the connected agent's own word counts for a (re)boot: the
+                    # stored version was applied by the VM's previous boot.
+                    acked = max(acked, vm.applied_version)
+            if acked >= version and (connected or not require_connected):
                 pending.pop(rid)
                 continue
-            connected = links is not None and links.is_connected(rid)
             if read_store and not connected and not require_connected:
                 pending.pop(rid)
                 log.info("event=router_apply_deferred router=%s version=%d", rid, version)

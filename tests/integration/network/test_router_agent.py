@@ -226,6 +226,15 @@ async def start_agent_process(vm: RouterVm, path: Path) -> None:
         )  # fmt: skip
 
 
+async def power_on(e: Env, slot: RouterVm, router_id: str) -> None:
+    """A stopped router VM boots again: same NICs and state directory, but a new kernel
+    starts with no rules (and no counters)."""
+    for table in ("filter", "nat", "mangle"):
+        await slot.x("iptables", "-t", table, "-F")
+        await slot.x("iptables", "-t", table, "-X")
+    await run_agent(e, slot, router_id)
+
+
 class NetnsLauncher:
     """The test is the hypervisor: a router VM is a namespace running the real agent."""
 
@@ -247,6 +256,10 @@ class NetnsLauncher:
     async def start(self, ctx: Any, vm: Any) -> None:
         await self._note("start", vm.id)
         e = self.e
+        own = e.by_router.get(vm.id)
+        if own is not None:  # a stopped VM boots again on its own disk and NICs
+            await power_on(e, own, vm.id)
+            return
         async with e.slot_lock:  # concurrent start jobs must not take the same slot
             # Slot 0 only carries the manager's address: never a router, so destroying a
             # router never takes the manager off the net.
@@ -268,10 +281,7 @@ class NetnsLauncher:
         await self._note("reboot", vm.id)
         slot = self.e.by_router[vm.id]
         await stop_agent(slot)
-        for table in ("filter", "nat", "mangle"):  # a new kernel starts with no rules
-            await slot.x("iptables", "-t", table, "-F")
-            await slot.x("iptables", "-t", table, "-X")
-        await run_agent(self.e, slot, vm.id)
+        await power_on(self.e, slot, vm.id)
 
     async def destroy(self, ctx: Any, vm: Any) -> None:
         await self._note("destroy", vm.id)
@@ -520,6 +530,31 @@ async def test_production_entry_point_applies_first_config(env: Env) -> None:
 
     outcome = await wait_until(settled, "the router to start or its start job to fail", 60)
     assert outcome == "Running", outcome + "\n" + agent_log(env.by_router.get(router["id"]))
+
+
+async def test_a_live_session_is_closed_and_gone_before_a_boot_is_judged(env: Env) -> None:
+    """``disconnect_and_wait`` (what a router start does with a session left from the
+    VM's previous boot): the session is closed and gone, or replaced by a newer one, on
+    return; the agent then connects again with a new session."""
+    api = env.api
+    _net, router = await create_network(api)
+    rid = router["id"]
+    links = api.ctx.links
+
+    async def running() -> bool:
+        return bool((await router_state(api, rid))["state"] == "Running")
+
+    await wait_until(running, "the router to run", 60)
+    old = links.sessions[rid]
+    assert await links.disconnect_and_wait(rid, "test: vm starting", 10 * TIMING)
+    assert links.sessions.get(rid) is not old
+
+    async def reconnected() -> bool:
+        new = links.sessions.get(rid)
+        return new is not None and new is not old
+
+    await wait_until(reconnected, "the agent's new session", 30)
+    assert await links.disconnect_and_wait("no-such-vm", "test", 1.0)
 
 
 async def firewall_rules_at_once(api: Api, rules: list[tuple[str, int]]) -> list[dict[str, Any]]:

@@ -146,3 +146,19 @@ async def test_a_disconnected_router_is_waited_for_when_required(links: Links) -
     store = Store(vm("c"))
     with pytest.raises(ApiError, match="r-c-VM did not acknowledge the configuration within"):
         await wait_applied(store, {"c": 2}, timeout=0.05, require_connected=True)
+
+
+async def test_a_booting_router_needs_its_new_session_to_ack(links: Links) -> None:
+    """A router started again: the store's applied version is its previous boot's. Only
+    the agent's new session (its hello reports what it re-applied) ends the wait."""
+    store = Store(vm("c", applied=5))
+    with pytest.raises(ApiError, match="r-c-VM did not acknowledge the configuration within"):
+        await wait_applied(store, {"c": 5}, timeout=0.05, require_connected=True)
+    task = asyncio.create_task(wait_applied(store, {"c": 5}, timeout=10, require_connected=True))
+    await asyncio.sleep(0)
+    links.sessions["c"] = Session()  # connected; its hello said version 1
+    links.ack("c", 4)
+    await asyncio.sleep(0)
+    assert not task.done()
+    links.ack("c", 5)
+    await asyncio.wait_for(task, 1)
