@@ -357,7 +357,7 @@ async def _router_plan(ctx: ManagerContext, vm: SystemVm) -> list[dict[str, Any]
         raise LifecycleError(f"vm {vm.name}: no NIC plan: {e}") from e
 
 
-async def _router_size(ctx: ManagerContext, vm: SystemVm) -> tuple[int, int]:
+async def router_size(ctx: ManagerContext, vm: SystemVm) -> tuple[int, int]:
     """(memory MiB, CPUs) from the router's network's service offering (else the one the
     router was created with, else the defaults)."""
     from manager.network import store as ns
@@ -523,7 +523,7 @@ async def _start(ctx: ManagerContext, vm_id: str, wait_agent: float = 0.0) -> Sy
     try:
         memory_mb, cpus, plan = DEFAULT_MEMORY_MB, DEFAULT_CPUS, None
         if vm.role is Role.ROUTER:
-            memory_mb, cpus = await _router_size(ctx, vm)
+            memory_mb, cpus = await router_size(ctx, vm)
             if not host_network:  # eth0 control, eth1 public, eth2 guest (as planned)
                 plan = await _router_plan(ctx, vm)
         spec = vm_spec(vm, zone, boot, _host_prefix(ctx, drv), memory_mb, cpus, plan)

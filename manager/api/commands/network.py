@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import json
 import logging
 from importlib import metadata
 from typing import Any
@@ -943,8 +944,10 @@ async def update_network(call: Call) -> AsyncResult:
 
 @api_command(
     "changeServiceForRouter",
-    "Changes the service offering (sizing) of a router's network: a new router with the new "
-    "sizing is up and configured before this one goes (the returned router is the new one)",
+    "Changes the service offering (sizing) of a router's network. A running router is "
+    "replaced: a new router with the new sizing is up and configured before this one goes "
+    "(the returned router is the new one). A stopped router keeps its id and gets the new "
+    "sizing when it next starts",
     params=(
         Param("id", PType.UUID, required=True, description="the ID of the router"),
         Param("serviceofferingid", PType.UUID, required=True,
@@ -966,10 +969,33 @@ async def change_service_for_router(call: Call) -> AsyncResult:
     current = vm.details.get("service_offering_id") if vm.details else None
     if current == so:
         raise param_error(f"Router {vm.name} already uses service offering {offering.name}")
+
+    async def resized_in_place() -> dict[str, Any]:
+        same = await store.get_system_vm(vm.id)
+        if same is None:
+            raise param_error(f"Unable to find router with id {vm.id}")
+        return {"router": await router_view(call, same)}
+
     async with store.transaction() as tx:
         await tx.execute(
             "UPDATE networks SET service_offering_id = ? WHERE id = ?", (so, network_id)
         )
+        # Read in the transaction: a start that began meanwhile gets a rolling replacement.
+        rows = await tx.fetchall("SELECT state, details FROM system_vms WHERE id = ?", (vm.id,))
+        if (
+            rows
+            and rows[0]["state"] == VmState.STOPPED
+            and await ns.router_ids(tx, network_id) == [vm.id]
+        ):  # CloudStack's way: the same router, sized anew when it next starts
+            raw = rows[0]["details"]
+            details = json.loads(raw or "{}") if isinstance(raw, str) else dict(raw or {})
+            await tx.update_system_vm(vm.id, details={**details, "service_offering_id": so})
+            job = await call.jobs.submit(
+                call.ctx, "changeServiceForRouter", call.user.account_id, resized_in_place,
+                "DomainRouter", vm.id, tx=tx,
+            )  # fmt: skip
+            log.info("event=router_resize router=%s offering=%s in_place=1", vm.name, so)
+            return AsyncResult(job, id=vm.id)
 
     async def work() -> dict[str, Any]:
         try:

@@ -2,7 +2,7 @@
 with the router role in namespaces, as in test_router_agent.py): changeServiceForRouter
 and updateNetwork ``networkofferingid=`` (an offering whose routers use a bigger system
 offering) each bring a new router up, configured (its rules in its iptables), before the
-old one is stopped and destroyed."""
+old one is stopped and destroyed. A stopped router is resized in place, as in CloudStack."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from manager.hypervisor.lifecycle import router_size
 from manager.network.guests import add_guest_nic
 from tests.integration.network.test_router_agent import (
     Env,
@@ -93,5 +94,28 @@ async def test_resizes_replace_the_router_new_one_first(env: Env) -> None:  # no
     (third,) = (await api.call("listRouters", networkid=net["id"]))["router"]
     assert third["serviceofferingid"] == bigger["id"] and third["agentstate"] == "Up"
     check_rolling(e, new["id"], third["id"])
+    nat = await e.vm(third["id"]).x("iptables-save", "-t", "nat")
+    assert f"--to-destination {guest_ip}:22" in nat, nat
+
+    # A stopped router (CloudStack's case): the same router keeps its id and state and
+    # gets the new sizing when it next starts; nothing is booted or destroyed.
+    stopped = await api.job("stopRouter", id=third["id"], timeout=60)
+    assert stopped["jobstatus"] == 1, stopped
+    e.events.clear()
+    res = await api.job("changeServiceForRouter", id=third["id"], serviceofferingid=big["id"])
+    assert res["jobstatus"] == 1, res
+    same = res["jobresult"]["router"]
+    assert (same["id"], same["state"], same["serviceofferingid"]) == (
+        third["id"], "Stopped", big["id"],
+    )  # fmt: skip
+    assert e.events == [], e.events
+    vm = await api.ctx.store.get_system_vm(third["id"])
+    assert vm is not None and await router_size(api.ctx, vm) == (1024, 1)
+    started = await api.job("startRouter", id=third["id"], timeout=60)
+    assert started["jobstatus"] == 1, (started, agent_log(e.vm(third["id"])))
+    (after,) = (await api.call("listRouters", networkid=net["id"]))["router"]
+    assert (after["id"], after["state"], after["serviceofferingid"]) == (
+        third["id"], "Running", big["id"],
+    )  # fmt: skip
     nat = await e.vm(third["id"]).x("iptables-save", "-t", "nat")
     assert f"--to-destination {guest_ip}:22" in nat, nat
