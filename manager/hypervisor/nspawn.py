@@ -8,6 +8,9 @@ NICs are veth pairs on the zone's host bridges. Boot data is bind-mounted read-o
 to ``console.log``. In its own network namespace the VM's ``/proc/sys/net`` is writable
 (``SYSTEMD_NSPAWN_API_VFS_WRITABLE=network``): a router sets ``ip_forward`` there.
 
+The VM's service offering sizes it for real: nspawn and the container run inside cgroups
+of their own with its memory and CPU limits (``manager.hypervisor.cgroups``).
+
 Clean stop: SIGTERM to nspawn, which asks the container's systemd to halt. Forced: SIGKILL
 to the container's PID 1 (everything in its PID namespace dies), then to nspawn. A reboot
 issued inside the VM makes nspawn exit 133; the driver boots it again.
@@ -28,6 +31,7 @@ from typing import Any
 
 from manager import netplumb
 from manager.hypervisor.base import DriverError, VmSpec, machine_name, netns_name
+from manager.hypervisor.cgroups import CgroupLimiter, detect, join_argv
 from manager.hypervisor.hostvm import HostDriver, alive, proc_start_time, spawn
 
 NSPAWN_REBOOT_EXIT = 133
@@ -120,9 +124,14 @@ class NspawnDriver(HostDriver):
         state_dir: Path,
         prefix: str = "sv",
         image_dir: Path | None = None,
+        limiter: CgroupLimiter | None = None,
     ) -> None:
         super().__init__(state_dir, prefix)
         self.image_dir = image_dir or default_image_dir()
+        self.limiter = limiter if limiter is not None else CgroupLimiter(detect())
+
+    def _cgroup_name(self, vm_id: str) -> str:
+        return f"sysvm-{machine_name(self.prefix, vm_id)}"
 
     def _rootfs(self) -> Path:
         rootfs = (self.image_dir / "rootfs").resolve()
@@ -157,6 +166,10 @@ class NspawnDriver(HostDriver):
             bootdata=vmdir / "bootdata.json",
             netns=netns,
         )
+        # The offering's sizing: the container and all it forks run inside its cgroups.
+        procs = self.limiter.create(self._cgroup_name(spec.vm_id), spec.memory_mb, spec.cpus)
+        if procs:
+            argv = join_argv(procs, argv)
         return await spawn(spec.vm_id, argv, vmdir / "console.log", nspawn_env(netns, os.environ))
 
     async def _after_launch(self, spec: VmSpec, vmdir: Path, pid: int) -> dict[str, Any]:
@@ -164,7 +177,11 @@ class NspawnDriver(HostDriver):
         while time.monotonic() < deadline:
             leader = find_leader(pid)
             if leader is not None:
-                return {"leader": leader, "leader_start": proc_start_time(leader)}
+                return {
+                    "leader": leader,
+                    "leader_start": proc_start_time(leader),
+                    "limits": self.limiter.limits_of(leader),
+                }
             if proc_start_time(pid) is None:
                 break
             await asyncio.sleep(0.02)
@@ -182,10 +199,12 @@ class NspawnDriver(HostDriver):
         root = vmdir / "root"
         if os.path.ismount(root):  # noqa: ASYNC240
             await netplumb.run(["umount", str(root)], timeout=30)
+        await self.limiter.remove_when_empty(self._cgroup_name(vm_id))
 
     async def _destroy_disk(self, vm_id: str, vmdir: Path) -> None:
         for d in ("upper", "work", "root"):
             shutil.rmtree(vmdir / d, ignore_errors=True)
+        await self.limiter.remove_when_empty(self._cgroup_name(vm_id))
 
     # ------------------------------------------------------------ inspection helpers
 

@@ -322,6 +322,27 @@ async def zone_manager(
     assert all(x[len(host_prefix)] == "b" for x in rep.links), rep
 
 
+def container_limits(pid: int) -> tuple[int, int]:
+    """(memory MiB, CPUs) the kernel enforces on the process, read from its own cgroups
+    (v1 memory and cpu hierarchies, or v2), not from what the manager recorded."""
+    own: dict[str, str] = {}
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _h, ctrls, path = line.split(":", 2)
+        for c in ctrls.split(",") if ctrls else [""]:
+            own[c] = path.lstrip("/")
+    root = Path("/sys/fs/cgroup")
+    if (root / "cgroup.controllers").exists():
+        d = root / own[""]
+        memory = int((d / "memory.max").read_text())
+        quota, period = map(int, (d / "cpu.max").read_text().split())
+    else:
+        memory = int((root / "memory" / own["memory"] / "memory.limit_in_bytes").read_text())
+        cpu = root / "cpu" / own["cpu"]
+        quota = int((cpu / "cpu.cfs_quota_us").read_text())
+        period = int((cpu / "cpu.cfs_period_us").read_text())
+    return memory // (1024 * 1024), quota // period
+
+
 @pytest.mark.parametrize("host_prefix", ["r"], indirect=True)
 async def test_router_from_image_serves_and_survives_reboots(
     tmp_path: Path, host_prefix: str, sysvm_image: Path, free_port: Callable[[], int]
@@ -565,6 +586,25 @@ async def _scenario(
     timings["(d) ARP entries on the new router"] = time.monotonic() - t1
     await serving("the new router to serve", timeout=10)
     timings["(d) job done -> serving"] = time.monotonic() - t1
+    assert container_limits(run_json(home, rid)["leader"]) == (512, 1)  # default offering
+
+    # ---- (e) the router's sizing, CloudStack's way: stop it, change its service offering,
+    # start it. The same router comes back inside the new limits and serves again.
+    bigger = (
+        await api.call(
+            "createServiceOffering", name="router-768", displaytext="router-768", cpunumber=2,
+            memory=768, issystem="true", systemvmtype="domainrouter",
+        )
+    )["serviceoffering"]  # fmt: skip
+    await api.job("stopRouter", id=rid)
+    res = await api.job("changeServiceForRouter", id=rid, serviceofferingid=bigger["id"])
+    assert (res["router"]["id"], res["router"]["state"]) == (rid, "Stopped"), res
+    t0 = time.monotonic()
+    res = await api.job("startRouter", id=rid)
+    assert res["router"]["serviceofferingid"] == bigger["id"], res
+    await serving("the resized router to serve", timeout=10)
+    timings["(e) startRouter after resize -> serving"] = time.monotonic() - t0
+    assert container_limits(run_json(home, rid)["leader"]) == (768, 2)
     netns_path = Path("/run/netns") / netns_name(prefix, rid)
 
     # ---- deleteNetwork: the router is destroyed, its guest bridge goes with it (the guest
