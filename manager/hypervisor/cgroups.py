@@ -195,6 +195,17 @@ class CgroupLimiter:
                 return
             await asyncio.sleep(0.1)
 
+    def owned(self, prefix: str) -> list[Path]:
+        """The cgroups of this host prefix's VMs (``sysvm-<prefix>-*``) that exist."""
+        if self.layout is None:
+            return []
+        return sorted(
+            d
+            for base in self.layout.bases.values()
+            for d in base.glob(f"sysvm-{prefix}-*")
+            if d.is_dir()
+        )
+
     def limits_of(self, pid: int) -> dict[str, str]:
         """The limit files' values of the cgroups ``pid`` is in (for checks and status)."""
         if self.layout is None:

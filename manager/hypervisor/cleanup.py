@@ -21,6 +21,7 @@ from pathlib import Path
 
 from manager import netplumb
 from manager.hypervisor.base import check_prefix
+from manager.hypervisor.cgroups import CgroupLimiter, detect
 from manager.hypervisor.hostvm import proc_start_time
 from manager.hypervisor.nspawn import find_leader
 
@@ -33,9 +34,10 @@ class CleanupReport:
     mounts: list[str] = field(default_factory=list)
     links: list[str] = field(default_factory=list)
     netns: list[str] = field(default_factory=list)
+    cgroups: list[str] = field(default_factory=list)
 
     def empty(self) -> bool:
-        return not (self.processes or self.mounts or self.links or self.netns)
+        return not (self.processes or self.mounts or self.links or self.netns or self.cgroups)
 
 
 def owned_link(prefix: str, ifname: str) -> bool:
@@ -122,10 +124,15 @@ async def cleanup_all(prefix: str, timeout: float = 15.0) -> CleanupReport:  # n
     for ns in netplumb.list_netns(f"{prefix}-"):
         await netplumb.delete_netns(ns)
         report.netns.append(ns)
+    limiter = CgroupLimiter(detect())
+    for cg in limiter.owned(prefix):
+        await limiter.remove_when_empty(cg.name, within=timeout)
+        report.cgroups.append(str(cg))
     if not report.empty():
         log.info(
-            "event=cleanup prefix=%s processes=%d mounts=%d links=%d netns=%d",
-            prefix, len(report.processes), len(report.mounts), len(report.links), len(report.netns),
+            "event=cleanup prefix=%s processes=%d mounts=%d links=%d netns=%d cgroups=%d",
+            prefix, len(report.processes), len(report.mounts), len(report.links),
+            len(report.netns), len(report.cgroups),
         )  # fmt: skip
     return report
 
@@ -138,6 +145,7 @@ async def leftovers(prefix: str) -> CleanupReport:
         mounts=overlay_mounts(prefix),
         links=[n for n in names if owned_link(prefix, n)],
         netns=netplumb.list_netns(f"{prefix}-"),
+        cgroups=[str(d) for d in CgroupLimiter(detect()).owned(prefix)],
     )
 
 
@@ -152,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rep = asyncio.run(cleanup_all(prefix))
     print(
         f"cleanup prefix={prefix} processes={len(rep.processes)} mounts={len(rep.mounts)} "
-        f"links={len(rep.links)} netns={len(rep.netns)}"
+        f"links={len(rep.links)} netns={len(rep.netns)} cgroups={len(rep.cgroups)}"
     )
     return 0
 

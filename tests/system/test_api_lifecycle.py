@@ -184,7 +184,7 @@ async def test_system_vms_through_the_api(
     # and veths are what scripts/run's exit cleanup removes — as here. The host_prefix
     # fixture then asserts that nothing at all is left.
     rep = await cleanup_all(host_prefix)
-    assert rep.processes == [] and rep.mounts == [], rep
+    assert rep.processes == [] and rep.mounts == [] and rep.cgroups == [], rep
 
 
 async def _steps(

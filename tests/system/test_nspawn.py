@@ -182,7 +182,7 @@ async def test_boot_inspect_stop_start_reboot_kill_destroy(
     assert not driver.vmdir(vm_id).exists()
     left = await leftovers(host_prefix)
     # the zone bridges stay (shared by the zone's VMs); no namespace, veth or process is left
-    assert not left.processes and not left.mounts and not left.netns, left
+    assert not left.processes and not left.mounts and not left.netns and not left.cgroups, left
     assert sorted(left.links) == sorted(n.bridge for n in spec.nics), left
     assert netns_name(host_prefix, vm_id) not in left.netns
 

@@ -318,7 +318,7 @@ async def zone_manager(
     # the manager stopped its VMs: no process, mount, namespace or VM port is left; only the
     # zone bridges (by design), which the host_prefix fixture then removes
     rep = await cleanup_all(host_prefix)
-    assert rep.processes == [] and rep.mounts == [] and rep.netns == [], rep
+    assert rep.processes == [] and rep.mounts == [] and rep.netns == [] and rep.cgroups == [], rep
     assert all(x[len(host_prefix)] == "b" for x in rep.links), rep
 
 

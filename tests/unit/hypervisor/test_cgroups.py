@@ -119,3 +119,13 @@ def test_v2_moves_the_manager_out_before_handing_controllers_down(tmp_path: Path
     assert (base / "manager/cgroup.procs").read_text().strip().isdigit()
     assert (base / "cgroup.subtree_control").read_text() == "+memory +cpu\n"
     assert (base / "sysvm-v/cpu.max").read_text() == "200000 100000\n"
+
+
+def test_owned_lists_only_this_prefix(tmp_path: Path) -> None:
+    lim = CgroupLimiter(v1_tree(tmp_path))
+    for name in ("sysvm-sv-aaaaaa", "sysvm-svx-bbbbbb", "other"):
+        lim.create(name, 512, 1)
+    owned = lim.owned("sv")
+    assert [p.name for p in owned] == ["sysvm-sv-aaaaaa", "sysvm-sv-aaaaaa"]
+    assert {p.parent for p in owned} == {tmp_path / "cpu", tmp_path / "memory/process_api/abc"}
+    assert CgroupLimiter(None).owned("sv") == []
