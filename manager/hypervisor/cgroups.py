@@ -8,8 +8,8 @@ Each VM gets a cgroup of its own, ``sysvm-<machine>``, under the manager's own c
   ``cpu.cfs_period_us`` in the cpu hierarchy;
 - cgroup v2 (``/sys/fs/cgroup/cgroup.controllers`` exists): ``memory.max`` and ``cpu.max``.
   A cgroup that holds processes cannot hand controllers to its children, so the manager
-  first moves itself into a ``manager`` child of its own cgroup; under systemd its unit
-  needs ``Delegate=yes``.
+  first moves itself into a ``manager`` child of its own cgroup; under systemd the unit
+  delegates the controllers (``Delegate=memory cpu``).
 
 The VM's process joins its cgroups before it execs (``join_argv``), so nothing it forks
 escapes them. Where the limits cannot be set the VM runs without them and the reason is

@@ -250,8 +250,8 @@ async def wait_applied(
                     continue
                 names[rid] = vm.name
                 if not require_connected:
-                    # Only the connected agent's own word counts for a (re)boot: the
-                    # stored version was applied by the VM's previous boot.
+                    # The stored version counts, except for a (re)boot: that version was
+                    # applied by the VM's previous boot; only its new session's acks count.
                     acked = max(acked, vm.applied_version)
             if acked >= version and (connected or not require_connected):
                 pending.pop(rid)
