@@ -265,6 +265,23 @@ class AgentConnection(ServerConnection):
         self.queued = max(0, self.queued - 1)
 
 
+async def _wait_woken(
+    waiters: dict[str, list[asyncio.Future[None]]], key: str, within: float
+) -> None:
+    """Registers a future under ``key`` in ``waiters`` and waits until it is woken (its
+    result set), at most ``within`` s (TimeoutError); it is always unregistered."""
+    fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    waiters.setdefault(key, []).append(fut)
+    try:
+        await asyncio.wait_for(fut, within)
+    finally:
+        left = waiters.get(key, [])
+        if fut in left:
+            left.remove(fut)
+        if not left:
+            waiters.pop(key, None)
+
+
 class Session:
     __slots__ = (
         "acked",
@@ -497,17 +514,8 @@ class AgentLinks:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"command {command_id} still pending after {timeout}s")
-            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._command_waiters.setdefault(command_id, []).append(fut)
-            try:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(fut, min(remaining, 5.0))
-            finally:
-                waiters = self._command_waiters.get(command_id, [])
-                if fut in waiters:
-                    waiters.remove(fut)
-                if not waiters:
-                    self._command_waiters.pop(command_id, None)
+            with contextlib.suppress(TimeoutError):
+                await _wait_woken(self._command_waiters, command_id, min(remaining, 5.0))
 
     async def request(
         self,
@@ -551,18 +559,10 @@ class AgentLinks:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + within
         while self.sessions.get(vm_id) is old:
-            fut: asyncio.Future[None] = loop.create_future()
-            self._session_changed.setdefault(vm_id, []).append(fut)
             try:
-                await asyncio.wait_for(fut, max(0.0, deadline - loop.time()))
+                await _wait_woken(self._session_changed, vm_id, max(0.0, deadline - loop.time()))
             except TimeoutError:
                 break
-            finally:
-                waiting = self._session_changed.get(vm_id, [])
-                if fut in waiting:
-                    waiting.remove(fut)
-                if not waiting:
-                    self._session_changed.pop(vm_id, None)
         return self.sessions.get(vm_id) is not old
 
     def _wake_session_changed(self, vm_id: str) -> None:
